@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (train the digits model) and `make test`.
+# The environment lives in .venv; torch is installed first, pinned, so that pip keeps the CPU wheel on a CPU-only
+# machine (the local find-links wheel) and takes the CUDA build from PyPI on a GPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(ACCELERATE) -m finetune finetune/recipes/digits_unconditional.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache

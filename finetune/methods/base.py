@@ -1,0 +1,153 @@
+"""What a method is: which parameters train, the loss, how it samples, what is saved.
+
+The training loop (`finetune.train`) only talks to this interface, so a new method is one file with one subclass and
+one recipe. `DenoisingMethod` holds the standard diffusion objective shared by every denoiser; a method supplies how
+a batch is encoded (pixels or latents), how the model is called, and what it saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from finetune import diffusion
+from finetune.config import Config
+
+
+@dataclass
+class NoOptions:
+    """This method has no options of its own."""
+
+
+class Method:
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Reject option combinations this method cannot run, before anything loads. Raise ConfigError."""
+
+    def __init__(self, config: Config, accelerator: Accelerator):
+        self.config = config
+        self.options = config.method_options
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        # frozen parts run in the mixed-precision dtype; trainable parameters stay fp32
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.train_dataset = None
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Check the inputs (cheap checks first), load the models, build `self.train_dataset` (a TrainingExamples)."""
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Attribute name -> module holding the trained parameters; the loop wraps them with accelerator.prepare."""
+        raise NotImplementedError
+
+    def use_prepared_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        for attribute, module in modules.items():
+            setattr(self, attribute, module)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for module in self.trainable_modules().values() for p in module.parameters() if p.requires_grad]
+
+    def before_training(self) -> None:
+        """Work done once after the models are prepared, e.g. caching latents. Runs on every process."""
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (e.g. restore embedding rows that must not change)."""
+
+    # -- outputs -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_images: int, seed: int) -> list:
+        """A list of PIL images for sample grids and validation. Runs on the main process."""
+        raise NotImplementedError
+
+    def evaluate(self, num_images: int, seed: int) -> dict[str, float] | None:
+        """Metrics of generated images against real ones, or None where this method has no evaluator."""
+        return None
+
+    def save(self, output_dir: Path) -> None:
+        """Write the final artifacts (in formats diffusers loads). Main process, EMA weights swapped in."""
+        raise NotImplementedError
+
+    def card(self) -> dict[str, Any]:
+        """Model-card facts: base_model, tags, how to load (`usage`), trigger words."""
+        return {}
+
+    def options_dict(self) -> dict:
+        return dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(module)
+
+
+class DenoisingMethod(Method):
+    """The diffusion objective: a model learns to predict noise (or v, or x0) from noised examples.
+
+    Subclasses set `self.noise_scheduler` and `self.prediction_type` in setup() and implement `encode` and `predict`.
+    """
+
+    noise_scheduler: Any
+    prediction_type: str = "epsilon"
+
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clean examples x0 in the space the model denoises: pixels, or VAE latents."""
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's output for noised inputs, with whatever conditioning the batch carries."""
+        raise NotImplementedError
+
+    def target(self, clean, noise, noisy, timesteps, batch) -> torch.Tensor:
+        """What the model output is regressed onto (distillation replaces this with the teacher's target)."""
+        return diffusion.training_target(self.noise_scheduler, clean, noise, timesteps, self.prediction_type)
+
+    def loss_weights(self, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Per-example loss weights: min-SNR-gamma when configured, times any weight the batch carries
+        (prior preservation gives class images `prior_loss_weight`)."""
+        weights = None
+        gamma = self.config.diffusion.snr_gamma
+        if gamma is not None:
+            snr = diffusion.compute_snr(self.noise_scheduler, timesteps)
+            weights = diffusion.min_snr_loss_weights(snr, gamma, self.prediction_type)
+        if "loss_weight" in batch:
+            example_weights = batch["loss_weight"].to(timesteps.device, torch.float32)
+            weights = example_weights if weights is None else weights * example_weights
+        return weights
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        # encode: images -> the space the model denoises (pixels for DDPM, latents for Stable Diffusion)
+        clean = self.encode(batch).float()
+
+        # sample noise and a timestep per example, from the example's own seed: identical across resumes and
+        # process counts
+        generators = diffusion.example_generators(batch["seed"])
+        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:]), self.config.diffusion.noise_offset)
+        timesteps = diffusion.seeded_timesteps(generators, self.noise_scheduler.config.num_train_timesteps)
+        noise, timesteps = noise.to(clean.device), timesteps.to(clean.device)
+
+        # add noise: the forward diffusion process q(x_t | x_0)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+
+        # predict the noise (or v, or x0) with the model, conditioned as the method requires
+        prediction = self.predict(noisy, timesteps, batch).float()
+        target = self.target(clean, noise, noisy, timesteps, batch).float()
+
+        # loss: per-example MSE, weighted (min-SNR, prior preservation), averaged over the batch
+        per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
+        weights = self.loss_weights(timesteps, batch)
+        loss = per_example.mean() if weights is None else (per_example * weights).mean()
+        return loss, {}

@@ -1,0 +1,147 @@
+"""What a run leaves behind besides the model: sample grids, the loss curve, the model card, the Hub upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# files a run writes as it starts; a folder holding only these belongs to a run that died before its first checkpoint
+RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples"}
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images (all of one size) row by row."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def save_grid(images: list[Image.Image], path: Path, min_cell: int = 64) -> Path:
+    """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if images[0].width < min_cell:
+        factor = math.ceil(min_cell / images[0].width)
+        images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
+    grid = image_grid(images)
+    grid.save(path)
+    return path
+
+
+def write_loss_curve(log_path: Path, png_path: Path) -> Path | None:
+    """Plot the logged loss (raw and smoothed) against the step."""
+    if not log_path.is_file():
+        return None
+    steps, losses = [], []
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            steps.append(record["step"])
+            losses.append(record["loss"])
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smoothed, running = [], losses[0]
+    for value in losses:
+        running = 0.9 * running + 0.1 * value
+        smoothed.append(running)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smoothed, label="smoothed")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_options: dict, steps: int) -> Path:
+    """README.md with Hub metadata: base model, method, data, hyperparameters, usage snippet, sample grid."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = facts.get("base_model") or config.model.pretrained_model_name_or_path
+    data = ModelCardData(
+        base_model=base_model if base_model and not Path(base_model).exists() else None,
+        library_name="diffusers",
+        license=facts.get("license", "apache-2.0"),
+        tags=["difftune", "diffusers", f"difftune-{config.method}", *facts.get("tags", [])],
+        datasets=[config.data.dataset] if "/" in config.data.dataset and not Path(config.data.dataset).exists() else None,
+    )
+    hyper = {
+        "method": config.method,
+        "steps": steps,
+        "batch per process": config.train.train_batch_size,
+        "gradient accumulation": config.train.gradient_accumulation_steps,
+        "learning rate": config.optim.lr,
+        "lr schedule": config.optim.lr_scheduler,
+        "optimizer": config.optim.optimizer,
+        "mixed precision": config.train.mixed_precision or "accelerate default",
+        "resolution": config.data.resolution,
+        "EMA": config.ema.use_ema,
+        "min-SNR gamma": config.diffusion.snr_gamma,
+        "noise offset": config.diffusion.noise_offset,
+    }
+    lines = [
+        f"# {facts.get('title', output_dir.name)}",
+        "",
+        facts.get("description", f"Trained with [difftune](https://github.com/) method `{config.method}`."),
+        "",
+        f"- **Base model:** {base_model or 'trained from scratch'}",
+        f"- **Dataset:** {config.data.dataset}",
+    ]
+    if facts.get("trigger"):
+        lines.append(f"- **Trigger / placeholder:** `{facts['trigger']}`")
+    lines += ["", "## Usage", "", "```python", facts.get("usage", "").strip(), "```", ""]
+    lines += ["## Training hyperparameters", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in hyper.items()]
+    if method_options:
+        lines += ["", f"Method options (`{config.method}`):", "", "```yaml", yaml.safe_dump(method_options).strip(), "```"]
+    grids = sorted((output_dir / "samples").glob("*.png")) if (output_dir / "samples").is_dir() else []
+    final = [g for g in grids if g.name == "final.png"] or grids[-1:]
+    for grid in final:
+        lines += ["", "## Samples", "", f"![samples]({grid.relative_to(output_dir).as_posix()})"]
+    for image in facts.get("validation_images", []):
+        lines += ["", f"![validation]({image})"]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+    path = output_dir / "README.md"
+    card.save(path)
+    return path
+
+
+def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> str | None:
+    """Upload the output folder without checkpoints; a failed push is logged and never touches local files."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = repo_id or output_dir.name
+    try:
+        repo = create_repo(repo_id, private=private, exist_ok=True)  # token: HF_TOKEN or the saved login
+        upload_folder(
+            repo_id=repo.repo_id, folder_path=str(output_dir), ignore_patterns=HUB_IGNORE_PATTERNS,
+            commit_message="Upload with difftune",
+        )
+    except Exception as err:  # noqa: BLE001 - the local output is the result; the push is a copy
+        logger.error("push to the Hub (%s) failed: %s. The output stays in %s; push it later with "
+                     "`hf upload %s %s`.", repo_id, type(err).__name__, output_dir, repo_id, output_dir)
+        return None
+    logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo.repo_id)
+    return repo.repo_id

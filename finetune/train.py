@@ -1,0 +1,273 @@
+"""The one training loop. Every method plugs into it through `finetune.methods.base.Method`; it never asks which
+method it runs.
+
+    accelerate launch -m finetune finetune/recipes/digits_unconditional.yaml train.max_train_steps=2000
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from finetune import checkpoint as ckpt
+from finetune.config import Config, ConfigError
+from finetune.data import collate_examples
+from finetune.methods import get_method_class
+from finetune.outputs import RUN_SCAFFOLDING, push_output_folder, save_grid, write_loss_curve, write_model_card
+
+logger = logging.getLogger("difftune")
+
+
+def build_optimizer(config: Config, parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    optim = config.optim
+    kwargs = dict(
+        lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay
+    )
+    if optim.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def resolve_tracker(report_to: str) -> str | None:
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            return "tensorboard"
+        except ImportError:
+            return None  # train_log.jsonl is always written
+    return None if report_to in ("none", "jsonl") else report_to
+
+
+def check_output_dir(output_dir: Path, resuming: bool) -> None:
+    """Never overwrite a finished model or someone's files: a fresh run needs an empty (or absent) folder."""
+    if resuming or not output_dir.exists():
+        return
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in RUN_SCAFFOLDING)
+    if foreign:
+        raise ConfigError(
+            f"train.output_dir {str(output_dir)!r} already holds {', '.join(foreign[:5])}. Choose a new output_dir, "
+            "or resume with checkpoint.resume_from_checkpoint=latest if it holds checkpoints of this run."
+        )
+
+
+@contextlib.contextmanager
+def averaged_weights(ema: EMAModel | None, parameters: list[torch.nn.Parameter]):
+    """Swap the EMA weights in for sampling and saving, and the trained weights back afterwards."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def train(config: Config) -> Path:
+    output_dir = Path(config.train.output_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accumulation = config.train.gradient_accumulation_steps
+
+    # accelerator: devices, mixed precision, process group, data sharding with a seeded sampler (resumable order)
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+        log_with=resolve_tracker(config.train.report_to),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.process_group_timeout_s))],
+    )
+    resume_path = ckpt.resolve_resume(config.checkpoint.resume_from_checkpoint, output_dir)
+    if accelerator.is_main_process:
+        check_output_dir(output_dir, resuming=resume_path is not None)
+    accelerator.wait_for_everyone()
+    set_seed(config.train.seed)  # model initialisation is identical on every process
+    if torch.cuda.is_available() and config.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # method: check inputs, load models, build the dataset
+    method = get_method_class(config.method)(config, accelerator)
+    method.setup()
+    dataset = method.train_dataset
+    global_batch = config.train.train_batch_size * accelerator.num_processes * accumulation
+    if len(dataset) < config.train.train_batch_size * accelerator.num_processes:
+        raise ConfigError(
+            f"the dataset has {len(dataset)} examples, fewer than one batch on every process "
+            f"({config.train.train_batch_size} x {accelerator.num_processes}); lower train.train_batch_size"
+        )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train.train_batch_size,
+        shuffle=True,
+        drop_last=True,  # equal batches on every process and every step
+        collate_fn=collate_examples,
+        num_workers=config.data.num_workers,
+    )
+
+    # optimizer and LR schedule over the trainable parameters only
+    modules = method.trainable_modules()
+    parameters = method.trainable_parameters()
+    lr = config.optim.lr * global_batch if config.optim.scale_lr else config.optim.lr
+    optimizer = build_optimizer(config, parameters, lr)
+    # a prepared scheduler steps once per process on every optimizer step, hence the factor
+    lr_scheduler = get_scheduler(
+        config.optim.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.optim.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.train.max_train_steps * accelerator.num_processes,
+        num_cycles=config.optim.lr_num_cycles,
+        power=config.optim.lr_power,
+    )
+    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
+    method.use_prepared_modules(dict(zip(modules, prepared[: len(modules)])))
+    optimizer, dataloader, lr_scheduler = prepared[len(modules) :]
+    ema = None
+    if config.ema.use_ema:
+        ema = EMAModel(
+            parameters,
+            decay=config.ema.decay,
+            use_ema_warmup=config.ema.use_ema_warmup,
+            inv_gamma=config.ema.inv_gamma,
+            power=config.ema.power,
+            update_after_step=config.ema.update_after_step,
+        )
+        ema.to(accelerator.device)
+    ckpt.register_trainable_only_hooks(accelerator)
+    method.before_training()
+
+    # resume: weights, optimizer, scheduler, RNG and EMA from the checkpoint; the data position from the step
+    global_step = 0
+    if resume_path is not None:
+        global_step = ckpt.load_checkpoint(accelerator, resume_path, ema)
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+    batches_per_epoch = len(dataloader)
+    micro_step = global_step * accumulation
+    epoch, skip_batches = divmod(micro_step, batches_per_epoch)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+        accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
+        logger.info(
+            "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
+            "%d accumulation | %d steps",
+            config.method, len(dataset), sum(p.numel() for p in parameters), global_batch,
+            config.train.train_batch_size, accelerator.num_processes, accumulation, config.train.max_train_steps,
+        )
+    log_path = output_dir / "train_log.jsonl"
+    progress = tqdm(
+        total=config.train.max_train_steps, initial=global_step, desc="steps",
+        disable=not (accelerator.is_main_process and config.train.progress_bar),
+    )
+    trained_modules = list(method.trainable_modules().values())
+    recent_losses: list[float] = []
+    step_started = time.perf_counter()
+
+    def write_samples(tag: str) -> None:
+        if accelerator.is_main_process:
+            with averaged_weights(ema, parameters):
+                images = method.sample(config.train.num_samples, seed=config.train.seed)
+            save_grid(images, output_dir / "samples" / f"{tag}.png")
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    import numpy as np
+
+                    tracker.writer.add_images(
+                        "samples", np.stack([np.asarray(i.convert("RGB")) for i in images]), global_step,
+                        dataformats="NHWC",
+                    )
+        accelerator.wait_for_everyone()
+
+    while global_step < config.train.max_train_steps:
+        dataloader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(*trained_modules):
+                # forward: the method's loss on this micro-batch (denoising, distillation, reconstruction, ...)
+                loss, extra_logs = method.loss(batch)
+                # backward, clip, step: gradients are averaged over processes and accumulated micro-batches
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            recent_losses.append(loss.detach().float())
+            if not accelerator.sync_gradients:
+                continue
+
+            # after each optimizer step: method fix-ups, EMA, logs, samples, checkpoints
+            method.after_optimizer_step()
+            if ema is not None:
+                ema.step(parameters)
+            global_step += 1
+            progress.update(1)
+            if global_step % config.train.log_every == 0 or global_step == config.train.max_train_steps:
+                mean_loss = accelerator.reduce(torch.stack(recent_losses).mean(), reduction="mean").item()
+                recent_losses.clear()
+                elapsed = time.perf_counter() - step_started
+                logs = {"step": global_step, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                        "steps_per_s": config.train.log_every / max(elapsed, 1e-9), **extra_logs}
+                step_started = time.perf_counter()
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps(logs) + "\n")
+            if config.train.sample_every and global_step % config.train.sample_every == 0:
+                write_samples(f"step-{global_step:06d}")
+            if config.train.eval_every and global_step % config.train.eval_every == 0:
+                with averaged_weights(ema, parameters):
+                    metrics = method.evaluate(config.train.eval_num_samples, seed=config.train.seed)
+                if metrics:
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
+                    if accelerator.is_main_process:
+                        logger.info("step %d evaluation: %s", global_step, metrics)
+                        with open(log_path, "a") as handle:
+                            handle.write(json.dumps({"step": global_step, "eval": metrics}) + "\n")
+            checkpoint_due = config.checkpoint.checkpointing_steps and (
+                global_step % config.checkpoint.checkpointing_steps == 0
+            )
+            if checkpoint_due:
+                ckpt.save_checkpoint(accelerator, output_dir, global_step, ema, config.checkpoint.checkpoints_total_limit)
+            if global_step >= config.train.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # final outputs: the model (EMA weights when EMA is on), sample grid, loss curve, model card; once, on main
+    accelerator.wait_for_everyone()
+    write_samples("final")
+    if accelerator.is_main_process:
+        with averaged_weights(ema, parameters):
+            method.save(output_dir)
+        write_loss_curve(log_path, output_dir / "loss_curve.png")
+        write_model_card(output_dir, config, method.card(), method.options_dict(), global_step)
+        if config.hub.push_to_hub:
+            push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private)
+    accelerator.end_training()
+    return output_dir
+
