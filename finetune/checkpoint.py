@@ -67,7 +67,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
     return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
 
 

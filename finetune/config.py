@@ -151,7 +151,8 @@ class TrainConfig:
     eval_every: int = option(0, "Evaluate samples against real data every N steps (0: off).")
     eval_num_samples: int = option(256, "Images generated for each evaluation.")
     report_to: Literal["auto", "tensorboard", "wandb", "jsonl", "none"] = option(
-        "auto", "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log. train_log.jsonl is always written."
+        "auto",
+        "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log. train_log.jsonl is always written.",
     )
     process_group_timeout_s: int = option(
         1800, "Seconds a rank waits for the others (validation, saving) before failing with an error."
@@ -185,7 +186,8 @@ class CheckpointConfig:
 @dataclass
 class HubConfig:
     push_to_hub: bool = option(
-        False, "Upload the final output folder (checkpoints excluded). The token comes from HF_TOKEN or `hf auth login`."
+        False,
+        "Upload the final output folder (checkpoints excluded). The token comes from HF_TOKEN or `hf auth login`.",
     )
     hub_model_id: str | None = option(None, "Repository id, e.g. 'user/my-lora'. None: the output folder's name.")
     private: bool = option(False, "Create the repository as private.")

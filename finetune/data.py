@@ -80,7 +80,7 @@ def image_to_tensor(
 
 
 def open_image(source: Any) -> Image.Image:
-    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if unreadable)."""
+    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad)."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, dict):
@@ -142,8 +142,10 @@ def load_records(config: DataConfig, dataset: str | None = None):
         if _has_metadata(folder):
             records = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
         elif image_files and any(p.with_suffix(".txt").is_file() for p in image_files):
-            captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None
-                        for p in image_files]
+            captions = [
+                p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None
+                for p in image_files
+            ]
             records = datasets.Dataset.from_dict(
                 {config.image_column: [str(p) for p in image_files], config.caption_column: captions}
             )
@@ -202,7 +204,10 @@ class ImageRecords(torch.utils.data.Dataset):
             if self.skipped:
                 names = ", ".join(name for _, name, _ in self.skipped[:5])
                 logger.warning(
-                    "skipped %d unreadable image(s) of %d: %s%s", len(self.skipped), len(records), names,
+                    "skipped %d unreadable image(s) of %d: %s%s",
+                    len(self.skipped),
+                    len(records),
+                    names,
                     " ..." if len(self.skipped) > 5 else "",
                 )
         if not self.indices:
@@ -214,8 +219,12 @@ class ImageRecords(torch.utils.data.Dataset):
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
         pixels, flipped = image_to_tensor(
-            open_image(self.image_sources[row]), self.config.resolution, self.channels, rng,
-            self.config.center_crop, self.config.random_flip,
+            open_image(self.image_sources[row]),
+            self.config.resolution,
+            self.channels,
+            rng,
+            self.config.center_crop,
+            self.config.random_flip,
         )
         example = {"pixel_values": pixels, "flipped": flipped, "row": row}
         example.update({c: self.column_values[c][row] for c in self.columns})

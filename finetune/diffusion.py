@@ -13,9 +13,7 @@ def example_generators(seeds: torch.Tensor) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
-def seeded_noise(
-    generators: list[torch.Generator], shape: tuple[int, ...], noise_offset: float = 0.0
-) -> torch.Tensor:
+def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], noise_offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise [B, *shape], one draw per generator; with an offset (Guttenberg 2023, "noise offset") a random
     per-channel constant is added so the model can learn to change an image's mean brightness."""
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])

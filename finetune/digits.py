@@ -36,7 +36,9 @@ def load_digits_tensors(resolution: int = 16, split: str = "all") -> tuple[torch
     return images.contiguous(), labels
 
 
-def digits_split_indices(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def digits_split_indices(
+    labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train / held-out index split of the digits."""
     rng = np.random.default_rng(seed)
     train, test = [], []

@@ -85,7 +85,9 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
         library_name="diffusers",
         license=facts.get("license", "apache-2.0"),
         tags=["difftune", "diffusers", f"difftune-{config.method}", *facts.get("tags", [])],
-        datasets=[config.data.dataset] if "/" in config.data.dataset and not Path(config.data.dataset).exists() else None,
+        datasets=[config.data.dataset]
+        if "/" in config.data.dataset and not Path(config.data.dataset).exists()
+        else None,
     )
     hyper = {
         "method": config.method,
@@ -115,7 +117,14 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
     lines += ["## Training hyperparameters", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
     if method_options:
-        lines += ["", f"Method options (`{config.method}`):", "", "```yaml", yaml.safe_dump(method_options).strip(), "```"]
+        lines += [
+            "",
+            f"Method options (`{config.method}`):",
+            "",
+            "```yaml",
+            yaml.safe_dump(method_options).strip(),
+            "```",
+        ]
     grids = sorted((output_dir / "samples").glob("*.png")) if (output_dir / "samples").is_dir() else []
     final = [g for g in grids if g.name == "final.png"] or grids[-1:]
     for grid in final:
@@ -136,12 +145,20 @@ def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> 
     try:
         repo = create_repo(repo_id, private=private, exist_ok=True)  # token: HF_TOKEN or the saved login
         upload_folder(
-            repo_id=repo.repo_id, folder_path=str(output_dir), ignore_patterns=HUB_IGNORE_PATTERNS,
+            repo_id=repo.repo_id,
+            folder_path=str(output_dir),
+            ignore_patterns=HUB_IGNORE_PATTERNS,
             commit_message="Upload with difftune",
         )
     except Exception as err:  # noqa: BLE001 - the local output is the result; the push is a copy
-        logger.error("push to the Hub (%s) failed: %s. The output stays in %s; push it later with "
-                     "`hf upload %s %s`.", repo_id, type(err).__name__, output_dir, repo_id, output_dir)
+        logger.error(
+            "push to the Hub (%s) failed: %s. The output stays in %s; push it later with `hf upload %s %s`.",
+            repo_id,
+            type(err).__name__,
+            output_dir,
+            repo_id,
+            output_dir,
+        )
         return None
     logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo.repo_id)
     return repo.repo_id

@@ -172,12 +172,20 @@ def train(config: Config) -> Path:
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
             "%d accumulation | %d steps",
-            config.method, len(dataset), sum(p.numel() for p in parameters), global_batch,
-            config.train.train_batch_size, accelerator.num_processes, accumulation, config.train.max_train_steps,
+            config.method,
+            len(dataset),
+            sum(p.numel() for p in parameters),
+            global_batch,
+            config.train.train_batch_size,
+            accelerator.num_processes,
+            accumulation,
+            config.train.max_train_steps,
         )
     log_path = output_dir / "train_log.jsonl"
     progress = tqdm(
-        total=config.train.max_train_steps, initial=global_step, desc="steps",
+        total=config.train.max_train_steps,
+        initial=global_step,
+        desc="steps",
         disable=not (accelerator.is_main_process and config.train.progress_bar),
     )
     trained_modules = list(method.trainable_modules().values())
@@ -194,7 +202,9 @@ def train(config: Config) -> Path:
                     import numpy as np
 
                     tracker.writer.add_images(
-                        "samples", np.stack([np.asarray(i.convert("RGB")) for i in images]), global_step,
+                        "samples",
+                        np.stack([np.asarray(i.convert("RGB")) for i in images]),
+                        global_step,
                         dataformats="NHWC",
                     )
         accelerator.wait_for_everyone()
@@ -229,8 +239,13 @@ def train(config: Config) -> Path:
                 mean_loss = accelerator.reduce(torch.stack(recent_losses).mean(), reduction="mean").item()
                 recent_losses.clear()
                 elapsed = time.perf_counter() - step_started
-                logs = {"step": global_step, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
-                        "steps_per_s": config.train.log_every / max(elapsed, 1e-9), **extra_logs}
+                logs = {
+                    "step": global_step,
+                    "loss": mean_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": config.train.log_every / max(elapsed, 1e-9),
+                    **extra_logs,
+                }
                 step_started = time.perf_counter()
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
@@ -252,7 +267,9 @@ def train(config: Config) -> Path:
                 global_step % config.checkpoint.checkpointing_steps == 0
             )
             if checkpoint_due:
-                ckpt.save_checkpoint(accelerator, output_dir, global_step, ema, config.checkpoint.checkpoints_total_limit)
+                ckpt.save_checkpoint(
+                    accelerator, output_dir, global_step, ema, config.checkpoint.checkpoints_total_limit
+                )
             if global_step >= config.train.max_train_steps:
                 break
         epoch += 1
@@ -270,4 +287,3 @@ def train(config: Config) -> Path:
             push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private)
     accelerator.end_training()
     return output_dir
-

@@ -1,7 +1,7 @@
 """A DDPM/DDIM pipeline for class-conditional UNet2DModels, with classifier-free guidance (Ho & Salimans 2022).
 
-    pipe = ClassConditionalDDPMPipeline.from_pretrained("outputs/digits-class-conditional")
-    images = pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=50).images
+pipe = ClassConditionalDDPMPipeline.from_pretrained("outputs/digits-class-conditional")
+images = pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=50).images
 """
 
 from __future__ import annotations

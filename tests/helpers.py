@@ -40,8 +40,15 @@ def tiny_ddpm_recipe(output_dir: Path, method: str = "unconditional", **sections
         "data": {"dataset": "digits", "resolution": 8, "max_samples": 64},
         "optim": {"lr": 1e-3, "lr_scheduler": "constant", "weight_decay": 0.0},
         "diffusion": {"num_inference_steps": 2, "beta_schedule": "squaredcos_cap_v2"},
-        "train": {"output_dir": str(output_dir), "max_train_steps": 6, "train_batch_size": 8, "log_every": 1,
-                  "num_samples": 4, "report_to": "jsonl", "progress_bar": False},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_train_steps": 6,
+            "train_batch_size": 8,
+            "log_every": 1,
+            "num_samples": 4,
+            "report_to": "jsonl",
+            "progress_bar": False,
+        },
         "checkpoint": {"checkpointing_steps": 0},
     }
     if method in ("unconditional", "class_conditional"):

@@ -14,7 +14,9 @@ from tests.helpers import run_training, tiny_ddpm_recipe
 
 
 def logged_losses(output_dir):
-    return [r["loss"] for r in map(json.loads, (output_dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        r["loss"] for r in map(json.loads, (output_dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def test_unconditional_trains_saves_loads_and_samples(tmp_path):
@@ -31,8 +33,13 @@ def test_unconditional_trains_saves_loads_and_samples(tmp_path):
 
 
 def test_saved_weights_are_the_ema_weights(tmp_path):
-    out = run_training(tiny_ddpm_recipe(tmp_path / "run", ema={"use_ema": True, "decay": 0.5, "use_ema_warmup": False},
-                                        checkpoint={"checkpointing_steps": 6}))
+    out = run_training(
+        tiny_ddpm_recipe(
+            tmp_path / "run",
+            ema={"use_ema": True, "decay": 0.5, "use_ema_warmup": False},
+            checkpoint={"checkpointing_steps": 6},
+        )
+    )
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -50,11 +57,24 @@ def test_saved_weights_are_the_ema_weights(tmp_path):
 def test_ddpm_finetune_starts_from_the_pretrained_model(tmp_path):
     base = tmp_path / "base"
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(base)
-    recipe = tiny_ddpm_recipe(tmp_path / "run", method="ddpm_finetune", model={"pretrained_model_name_or_path": str(base)},
-                              optim={"lr": 1e-5}, train={"max_train_steps": 3})
+    recipe = tiny_ddpm_recipe(
+        tmp_path / "run",
+        method="ddpm_finetune",
+        model={"pretrained_model_name_or_path": str(base)},
+        optim={"lr": 1e-5},
+        train={"max_train_steps": 3},
+    )
     out = run_training(recipe)
     tuned = DDPMPipeline.from_pretrained(out).unet
     before = dict(unet.named_parameters())
@@ -66,10 +86,20 @@ def test_ddpm_finetune_starts_from_the_pretrained_model(tmp_path):
 
 def test_ddpm_finetune_refuses_pickle_weights_unless_allowed(tmp_path):
     base = tmp_path / "base"
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(base, safe_serialization=False)
-    recipe = tiny_ddpm_recipe(tmp_path / "run", method="ddpm_finetune", model={"pretrained_model_name_or_path": str(base)})
+    recipe = tiny_ddpm_recipe(
+        tmp_path / "run", method="ddpm_finetune", model={"pretrained_model_name_or_path": str(base)}
+    )
     from finetune.config import ConfigError
 
     with pytest.raises(ConfigError, match="allow_pickle=true"):
@@ -77,18 +107,31 @@ def test_ddpm_finetune_refuses_pickle_weights_unless_allowed(tmp_path):
 
 
 def test_class_conditional_trains_and_samples_requested_classes(tmp_path):
-    recipe = tiny_ddpm_recipe(tmp_path / "run", method="class_conditional",
-                              class_conditional={"label_dropout": 0.2, "guidance_scale": 2.0})
+    recipe = tiny_ddpm_recipe(
+        tmp_path / "run", method="class_conditional", class_conditional={"label_dropout": 0.2, "guidance_scale": 2.0}
+    )
     out = run_training(recipe)
     pipe = ClassConditionalDDPMPipeline.from_pretrained(out)
     assert pipe.config.num_classes == 10 and pipe.null_class_label == 10
     labels = [0, 3, 9]
-    guided = pipe(class_labels=labels, guidance_scale=2.0, num_inference_steps=3, generator=torch.manual_seed(0),
-                  output_type="np").images
-    plain = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=3, generator=torch.manual_seed(0),
-                 output_type="np").images
+    guided = pipe(
+        class_labels=labels,
+        guidance_scale=2.0,
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+        output_type="np",
+    ).images
+    plain = pipe(
+        class_labels=labels,
+        guidance_scale=1.0,
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+        output_type="np",
+    ).images
     assert guided.shape == (3, 8, 8, 1) and not np.allclose(guided, plain)
-    other = pipe(class_labels=[1, 4, 8], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    other = pipe(
+        class_labels=[1, 4, 8], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np"
+    ).images
     assert not np.allclose(other, plain), "the class label must change the output"
     with pytest.raises(ValueError, match="class_labels must be integers in"):
         pipe(class_labels=[10], num_inference_steps=1)

@@ -40,7 +40,9 @@ class Method:
         self.accelerator = accelerator
         self.device = accelerator.device
         # frozen parts run in the mixed-precision dtype; trainable parameters stay fp32
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
         self.train_dataset = None
 
     # -- set-up ------------------------------------------------------------------------------------------------------

@@ -28,11 +28,15 @@ def load_pretrained_ddpm(config: Config):
     model = config.model
     try:
         pipe = DDPMPipeline.from_pretrained(
-            model.pretrained_model_name_or_path, revision=model.revision, variant=model.variant,
+            model.pretrained_model_name_or_path,
+            revision=model.revision,
+            variant=model.variant,
             use_safetensors=None if model.allow_pickle else True,
         )
     except OSError as err:
-        hint = "" if model.allow_pickle else " If it only has .bin weights and you trust it, set model.allow_pickle=true."
+        hint = (
+            "" if model.allow_pickle else " If it only has .bin weights and you trust it, set model.allow_pickle=true."
+        )
         raise ConfigError(
             f"model.pretrained_model_name_or_path: cannot load a DDPMPipeline from "
             f"{model.pretrained_model_name_or_path!r}: {err}.{hint}"
@@ -62,7 +66,8 @@ class DDPMFinetune(UnconditionalDDPM):
         if unet.config.sample_size != self.config.data.resolution:
             logger.warning(
                 "the pretrained UNet was trained at %s px; training at data.resolution=%d",
-                unet.config.sample_size, self.config.data.resolution,
+                unet.config.sample_size,
+                self.config.data.resolution,
             )
         return build_image_source(self.config.data, channels=unet.config.in_channels)
 

@@ -25,19 +25,28 @@ _ATTN_UP = "AttnUpBlock2D"
 # UNet2DModel shapes: small ones for CPU, and the DDPM paper's (as published in google/ddpm-*)
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(  # tests: ~0.1M parameters
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=(_DOWN, _DOWN), up_block_types=(_UP, _UP),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=(_DOWN, _DOWN),
+        up_block_types=(_UP, _UP),
     ),
     "digits": dict(  # the CPU demo at 16 px: ~1.2M parameters, attention at 4x4
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=(_DOWN, _DOWN, _ATTN_DOWN), up_block_types=(_ATTN_UP, _UP, _UP),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=(_DOWN, _DOWN, _ATTN_DOWN),
+        up_block_types=(_ATTN_UP, _UP, _UP),
     ),
     "ddpm-cifar10": dict(  # Ho et al. 2020, CIFAR-10 32 px: 35.7M parameters, attention at 16x16
-        block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-        down_block_types=(_DOWN, _ATTN_DOWN, _DOWN, _DOWN), up_block_types=(_UP, _UP, _ATTN_UP, _UP),
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=(_DOWN, _ATTN_DOWN, _DOWN, _DOWN),
+        up_block_types=(_UP, _UP, _ATTN_UP, _UP),
     ),
     "ddpm-celebahq-256": dict(  # the shape of google/ddpm-celebahq-256: ~114M parameters, attention at 16x16
-        block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
         down_block_types=(_DOWN, _DOWN, _DOWN, _DOWN, _ATTN_DOWN, _DOWN),
         up_block_types=(_UP, _ATTN_UP, _UP, _UP, _UP, _UP),
     ),
@@ -73,7 +82,10 @@ class UnconditionalDDPM(DenoisingMethod):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
-        resolution, levels = config.data.resolution, len(UNET_PRESETS[config.method_options.preset]["block_out_channels"])
+        resolution, levels = (
+            config.data.resolution,
+            len(UNET_PRESETS[config.method_options.preset]["block_out_channels"]),
+        )
         if resolution % 2 ** (levels - 1):
             raise ConfigError(
                 f"data.resolution={resolution} must be divisible by {2 ** (levels - 1)} for the "
@@ -84,7 +96,10 @@ class UnconditionalDDPM(DenoisingMethod):
     def setup(self) -> None:
         source = self.build_source()
         self.train_dataset = TrainingExamples(
-            source, self.config.train.seed, self.config.data.repeats, transform=self.transform_example,
+            source,
+            self.config.train.seed,
+            self.config.data.repeats,
+            transform=self.transform_example,
             min_length=self.config.train.train_batch_size * self.accelerator.num_processes,
         )
         self.unet, self.noise_scheduler = self.load_models(source.channels)
@@ -107,8 +122,11 @@ class UnconditionalDDPM(DenoisingMethod):
         if options.layers_per_block is not None:
             kwargs["layers_per_block"] = options.layers_per_block
         return dict(
-            sample_size=self.config.data.resolution, in_channels=channels, out_channels=channels,
-            dropout=options.dropout, **kwargs,
+            sample_size=self.config.data.resolution,
+            in_channels=channels,
+            out_channels=channels,
+            dropout=options.dropout,
+            **kwargs,
         )
 
     def load_models(self, channels: int):
@@ -149,8 +167,11 @@ class UnconditionalDDPM(DenoisingMethod):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             return pipe(
-                **self.sampling_inputs(num_images), generator=generator, output_type=output_type,
-                num_inference_steps=self.config.diffusion.num_inference_steps, **kwargs,
+                **self.sampling_inputs(num_images),
+                generator=generator,
+                output_type=output_type,
+                num_inference_steps=self.config.diffusion.num_inference_steps,
+                **kwargs,
             ).images
         finally:
             unet.train(was_training)
