@@ -82,7 +82,7 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
