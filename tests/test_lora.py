@@ -1,0 +1,218 @@
+"""LoRA text-to-image on a tiny Stable Diffusion: trains, loads into a plain pipeline, changes the output, unloads."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from finetune.config import ConfigError, load_config
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    assert_same_tensors,
+    reset_accelerate,
+    run_training,
+    safetensors_in,
+    subprocess_env,
+    wait_for,
+)
+from tests.tiny_models import make_test_images, make_tiny_sd_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def captioned_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("captioned")
+    paths = make_test_images(folder, 6, size=64)
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for i, path in enumerate(paths):
+            handle.write(
+                json.dumps({"file_name": path.name, "text": [f"a toy picture {i}", f"a toy drawing {i}"]}) + "\n"
+            )
+    return folder
+
+
+def lora_recipe(base, data, output_dir, **lora):
+    return {
+        "method": "lora",
+        "model": {"pretrained_model_name_or_path": str(base)},
+        "data": {"dataset": str(data), "resolution": 64, "random_flip": True},
+        "optim": {"lr": 5e-3, "lr_scheduler": "constant"},
+        "diffusion": {"num_inference_steps": 2},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_train_steps": 4,
+            "train_batch_size": 2,
+            "log_every": 1,
+            "num_samples": 2,
+            "report_to": "jsonl",
+            "progress_bar": False,
+        },
+        "checkpoint": {"checkpointing_steps": 0},
+        "lora": {"rank": 4, "alpha": 8.0, "validation_prompts": ["a toy picture 1"], **lora},
+    }
+
+
+def generate(pipe, prompt="a toy picture 1"):
+    return pipe(
+        prompt,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.manual_seed(0),
+        height=64,
+        width=64,
+        output_type="np",
+    ).images
+
+
+def test_lora_trains_loads_changes_the_output_and_unloads(tiny_sd, captioned_folder, tmp_path):
+    out = run_training(lora_recipe(tiny_sd, captioned_folder, tmp_path / "run", export_kohya=True))
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    base = generate(pipe)
+    pipe.load_lora_weights(out)
+    with_lora = generate(pipe)
+    assert np.abs(with_lora - base).max() > 1e-3, "the LoRA must change the image"
+    pipe.unload_lora_weights()
+    np.testing.assert_allclose(generate(pipe), base, atol=1e-6)
+
+    # the kohya export (alpha 8 != rank 4) must load at the same strength as the diffusers file
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    np.testing.assert_allclose(generate(pipe), with_lora, atol=1e-4)
+    kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
+    alphas = {k: v.item() for k, v in kohya.items() if k.endswith(".alpha")}
+    assert alphas and set(alphas.values()) == {8.0}
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    assert (out / "samples" / "final.png").is_file()
+
+
+def test_only_lora_parameters_change(tiny_sd, captioned_folder, tmp_path, monkeypatch):
+    from finetune.methods.lora import LoraTextToImage
+
+    seen = {}
+    original_save = LoraTextToImage.save
+
+    def save_and_look(self, output_dir):
+        seen["unet"] = {k: v.detach().clone() for k, v in self.unwrap(self.unet).state_dict().items()}
+        seen["text_encoder"] = {k: v.detach().clone() for k, v in self.unwrap(self.text_encoder).state_dict().items()}
+        return original_save(self, output_dir)
+
+    monkeypatch.setattr(LoraTextToImage, "save", save_and_look)
+    recipe = lora_recipe(tiny_sd, captioned_folder, tmp_path / "run")
+    recipe["checkpoint"]["checkpointing_steps"] = 4
+    out = run_training(recipe)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    trained = seen["unet"]
+    lora_keys = [k for k in trained if "lora_" in k]
+    assert lora_keys
+    for name, value in base.unet.state_dict().items():
+        key = (
+            name
+            if name in trained
+            else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=0)
+    for name, value in base.text_encoder.state_dict().items():
+        torch.testing.assert_close(seen["text_encoder"][name], value, rtol=0, atol=0)
+    initial = {k: v for k, v in base.unet.state_dict().items()}
+    assert initial  # and the LoRA layers did move away from their initialisation (B starts at zero)
+    assert any(trained[k].abs().max() > 0 for k in lora_keys if "lora_B" in k)
+    checkpoint_keys = load_file(str(out / "checkpoint-4" / "trainable_0.safetensors")).keys()
+    assert sorted(checkpoint_keys) == sorted(lora_keys), "a checkpoint holds the adapter, not the base model"
+
+
+def test_text_encoder_lora_is_saved_and_loaded(tiny_sd, captioned_folder, tmp_path):
+    out = run_training(lora_recipe(tiny_sd, captioned_folder, tmp_path / "run", train_text_encoder=True))
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    base = generate(pipe)
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_folder, tmp_path, cache):
+    from accelerate import Accelerator
+
+    from finetune.data import collate_examples
+    from finetune.methods import get_method_class
+
+    losses = {}
+    for mode in ("none", cache):
+        reset_accelerate()
+        recipe = lora_recipe(tiny_sd, captioned_folder, tmp_path / mode, cache=mode, caption_dropout=0.5)
+        config = load_config(recipe)
+        method = get_method_class("lora")(config, Accelerator(cpu=True))
+        method.setup()
+        method.before_training()
+        if mode != "none":
+            assert len(method.cache.moments) == 12 and "" in method.cache.text  # both flips, the empty prompt
+        examples = method.train_dataset
+        batch = collate_examples([examples[i] for i in range(6)])
+        assert batch["flipped"].any() and not batch["flipped"].all()
+        torch.manual_seed(0)
+        losses[mode] = method.loss(batch)[0].item()
+    assert losses[cache] == pytest.approx(losses["none"], rel=1e-5, abs=1e-6)
+    if cache == "disk":
+        assert list((tmp_path / cache / ".cache").glob("latents-*.safetensors"))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sd, captioned_folder, tmp_path):
+    steps = 30
+
+    def recipe(output_dir):
+        r = lora_recipe(tiny_sd, captioned_folder, output_dir, cache="memory", caption_dropout=0.2)
+        r["train"].update(max_train_steps=steps, log_every=5)
+        r["optim"].update(lr_scheduler="cosine", lr_warmup_steps=2)
+        r["checkpoint"]["checkpointing_steps"] = 3
+        return r
+
+    reference = run_training(recipe(tmp_path / "reference"))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path / "killed")))
+    process = subprocess.Popen(
+        [PYTHON, "-m", "finetune", str(path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: (tmp_path / "killed" / "checkpoint-6").is_dir(), timeout=180, process=process, interval=0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "pytorch_lora_weights.safetensors").exists()
+    resumed = run_training(path, "checkpoint.resume_from_checkpoint=latest")
+    assert_same_tensors(safetensors_in(resumed), safetensors_in(reference), atol=1e-6)
+
+
+def test_bad_inputs_fail_before_training(tiny_sd, captioned_folder, tmp_path):
+    with pytest.raises(ConfigError, match="must be a multiple of 8"):
+        load_config(lora_recipe(tiny_sd, captioned_folder, tmp_path / "a"), ["data.resolution=60"])
+    with pytest.raises(ConfigError, match="column 'caption' not found .* Available columns: image, text"):
+        run_training(lora_recipe(tiny_sd, captioned_folder, tmp_path / "b"), "data.caption_column=caption")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("unet", "vae", "tokenizer", "scheduler"):
+        (broken / name).mkdir()
+    with pytest.raises(ConfigError, match="missing text_encoder"):
+        run_training(lora_recipe(broken, captioned_folder, tmp_path / "c"))
+    with pytest.raises(ConfigError, match="needs data.center_crop=true"):
+        load_config(lora_recipe(tiny_sd, captioned_folder, tmp_path / "d", cache="memory"), ["data.center_crop=false"])
