@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +59,15 @@ def resolve_tracker(report_to: str) -> str | None:
     return None if report_to in ("none", "jsonl") else report_to
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on a GPU; peak resident memory of the process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
     """Never overwrite a finished model or someone's files: a fresh run needs an empty (or absent) folder."""
     if resuming or not output_dir.exists():
@@ -98,6 +108,12 @@ def train(config: Config) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.process_group_timeout_s))],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"the launcher started {launched} processes but they did not join one process group: each would train "
+            "alone and write the same files. On CPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
+        )
     resume_path = ckpt.resolve_resume(config.checkpoint.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir, resuming=resume_path is not None)
@@ -189,8 +205,8 @@ def train(config: Config) -> Path:
         disable=not (accelerator.is_main_process and config.train.progress_bar),
     )
     trained_modules = list(method.trainable_modules().values())
-    recent_losses: list[float] = []
-    step_started = time.perf_counter()
+    recent_losses: list[torch.Tensor] = []
+    step_started, steps_since_log = time.perf_counter(), 0
 
     def write_samples(tag: str) -> None:
         if accelerator.is_main_process:
@@ -234,6 +250,7 @@ def train(config: Config) -> Path:
             if ema is not None:
                 ema.step(parameters)
             global_step += 1
+            steps_since_log += 1
             progress.update(1)
             if global_step % config.train.log_every == 0 or global_step == config.train.max_train_steps:
                 mean_loss = accelerator.reduce(torch.stack(recent_losses).mean(), reduction="mean").item()
@@ -243,10 +260,11 @@ def train(config: Config) -> Path:
                     "step": global_step,
                     "loss": mean_loss,
                     "lr": lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": config.train.log_every / max(elapsed, 1e-9),
+                    "steps_per_s": steps_since_log / max(elapsed, 1e-9),
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
                     **extra_logs,
                 }
-                step_started = time.perf_counter()
+                step_started, steps_since_log = time.perf_counter(), 0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
