@@ -1,0 +1,242 @@
+"""Tiny models built in code, for tests and examples that cannot download weights.
+
+Every builder saves a complete folder with ``save_pretrained`` (safetensors) that the plain diffusers/transformers
+class loads with ``from_pretrained``, so code under test goes through exactly the loading path a real checkpoint
+takes. Builders seed inside a forked RNG: the same seed gives the same weights, and the caller's RNG is untouched.
+
+Heavy libraries are imported inside the builders so that a test needing only images or the tokenizer does not pay
+for importing diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR: Path = ASSETS_DIR / "clip_tokenizer"
+BLIP_VOCAB_FILE: Path = ASSETS_DIR / "blip_vocab" / "vocab.txt"
+
+CLIP_MAX_LENGTH = 77
+TINY_SD_RESOLUTION = 64  # the VAE halves it: 32 px latents, the UNet's sample_size
+TINY_TEXT_HIDDEN_SIZE = 32
+TINY_BLIP_IMAGE_SIZE = 32
+# With BLIP's default init (std 0.02) the tiny decoder's cross-attention barely moves the logits and every image gets
+# the same caption; std 0.1 makes captions depend on the image, so tests can tell captions of different files apart.
+CROSS_ATTENTION_VISIBLE_INIT_STD = 0.1
+
+# The scheduler betas of Stable Diffusion 1.x. steps_offset=1 avoids diffusers' deprecation rewrite of the config;
+# these keys are also what DDPMScheduler.from_pretrained(folder, subfolder="scheduler") needs for training.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def load_tiny_clip_tokenizer() -> CLIPTokenizer:
+    """The vendored byte-level BPE CLIP tokenizer (813 tokens; "toy" is one token, "square" is several)."""
+    from transformers import CLIPTokenizer
+
+    # model_max_length must be explicit: transformers otherwise defaults it to ~1e30 and pipelines overflow.
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=CLIP_MAX_LENGTH)
+
+
+def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed: int = 0) -> Path:
+    """Save a ~2M-parameter Stable Diffusion 1.x-shaped pipeline (64 px images, 32 px latents) to ``out_dir``.
+
+    With ``inpainting=True`` the UNet takes 9 input channels (latents, mask, masked-image latents) and the folder is
+    a ``StableDiffusionInpaintPipeline``.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD_RESOLUTION // 2,
+            in_channels=9 if inpainting else 4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=TINY_TEXT_HIDDEN_SIZE,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=TINY_SD_RESOLUTION,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=TINY_TEXT_HIDDEN_SIZE,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                projection_dim=TINY_TEXT_HIDDEN_SIZE,
+                max_position_embeddings=CLIP_MAX_LENGTH,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipeline = pipeline_class(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_tiny_ddpm_pipeline(out_dir: str | Path, *, resolution: int = 16, channels: int = 1, seed: int = 0) -> Path:
+    """Save a tiny pixel-space ``DDPMPipeline`` (UNet2DModel (16, 32) channels, no attention) to ``out_dir``."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=resolution,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+        out_dir, safe_serialization=True
+    )
+    return out_dir
+
+
+def _blip_image_processor_class():
+    import transformers
+
+    # transformers 5 splits image processors into a torchvision and a PIL backend; BlipImageProcessor falls back to
+    # the PIL one with a warning when torchvision is missing (as on the CPU test machines), so ask for it directly.
+    if getattr(transformers, "BlipImageProcessorPil", None) is not None:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            return transformers.BlipImageProcessorPil
+    return transformers.BlipImageProcessor
+
+
+def make_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny ``BlipForConditionalGeneration`` and its ``BlipProcessor`` (32 px images) to ``out_dir``.
+
+    The text config's bos is ``[DEC]``, as in the real BLIP captioning checkpoints: ``generate`` starts every caption
+    with it and stops at ``[SEP]``.
+    """
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    out_dir = Path(out_dir)
+    # [ENC] (image-text matching) is special in BLIP too, so skip_special_tokens drops it from decoded captions.
+    tokenizer = BertTokenizer(str(BLIP_VOCAB_FILE), bos_token="[DEC]", extra_special_tokens=["[ENC]"])
+    vision_hidden_size = 32
+    config = BlipConfig(
+        vision_config={
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 37,
+            "projection_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": TINY_BLIP_IMAGE_SIZE,
+            "patch_size": 8,
+            "initializer_range": 0.02,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "encoder_hidden_size": vision_hidden_size,
+            "intermediate_size": 37,
+            "projection_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
+            "eos_token_id": tokenizer.sep_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "initializer_range": CROSS_ATTENTION_VISIBLE_INIT_STD,
+        },
+        projection_dim=32,
+        image_text_hidden_size=32,
+        initializer_range=CROSS_ATTENTION_VISIBLE_INIT_STD,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    image_processor = _blip_image_processor_class()(
+        size={"height": TINY_BLIP_IMAGE_SIZE, "width": TINY_BLIP_IMAGE_SIZE}
+    )
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_test_images(folder: str | Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:
+    """Write ``n`` PNGs named ``image_000.png``... : a random shape in a random colour on a random background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(n):
+        background = tuple(int(value) for value in rng.integers(0, 256, size=3))
+        foreground = tuple(int(value) for value in rng.integers(0, 256, size=3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        left, top = (int(value) for value in rng.integers(0, size // 2, size=2))
+        extent = int(rng.integers(size // 4, size // 2 + 1))
+        box = (left, top, left + extent, top + extent)
+        shape = ("ellipse", "rectangle", "triangle")[index % 3]
+        if shape == "ellipse":
+            draw.ellipse(box, fill=foreground)
+        elif shape == "rectangle":
+            draw.rectangle(box, fill=foreground)
+        else:
+            corners = [(left, top + extent), (left + extent, top + extent), (left + extent // 2, top)]
+            draw.polygon(corners, fill=foreground)
+        path = folder / f"image_{index:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
