@@ -24,12 +24,12 @@ from tests.helpers import (
     subprocess_env,
     wait_for,
 )
-from tests.tiny_models import make_test_images, make_tiny_sd_pipeline
+from tests.tiny_models import make_test_images
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+@pytest.fixture
+def tiny_sd(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 @pytest.fixture(scope="session")
