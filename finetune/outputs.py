@@ -14,7 +14,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 # files a run writes as it starts; a folder holding only these belongs to a run that died before its first checkpoint
-RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples"}
+# (class_images: prior-preservation images a DreamBooth run generates before training, kept when it is restarted)
+RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_images"}
 HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
 
 
@@ -80,14 +81,13 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = facts.get("base_model") or config.model.pretrained_model_name_or_path
+    dataset = facts.get("dataset") or config.data.dataset  # a method may train on data named elsewhere
     data = ModelCardData(
         base_model=base_model if base_model and not Path(base_model).exists() else None,
         library_name="diffusers",
         license=facts.get("license", "apache-2.0"),
         tags=["difftune", "diffusers", f"difftune-{config.method}", *facts.get("tags", [])],
-        datasets=[config.data.dataset]
-        if "/" in config.data.dataset and not Path(config.data.dataset).exists()
-        else None,
+        datasets=[dataset] if "/" in dataset and not Path(dataset).exists() else None,
     )
     hyper = {
         "method": config.method,
@@ -109,7 +109,7 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
         facts.get("description", f"Trained with [difftune](https://github.com/) method `{config.method}`."),
         "",
         f"- **Base model:** {base_model or 'trained from scratch'}",
-        f"- **Dataset:** {config.data.dataset}",
+        f"- **Dataset:** {dataset}",
     ]
     if facts.get("trigger"):
         lines.append(f"- **Trigger / placeholder:** `{facts['trigger']}`")
@@ -137,6 +137,18 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
     return path
 
 
+def _without_token(text: str) -> str:
+    """An error message with any Hub token in it masked, so that a log never holds one."""
+    import re
+
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if token:
+        text = text.replace(token, "***")
+    return re.sub(r"\bhf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
 def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> str | None:
     """Upload the output folder without checkpoints; a failed push is logged and never touches local files."""
     from huggingface_hub import create_repo, upload_folder
@@ -147,14 +159,14 @@ def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> 
         upload_folder(
             repo_id=repo.repo_id,
             folder_path=str(output_dir),
-            ignore_patterns=HUB_IGNORE_PATTERNS,
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),  # a copy: upload_folder appends its defaults in place
             commit_message="Upload with difftune",
         )
     except Exception as err:  # noqa: BLE001 - the local output is the result; the push is a copy
         logger.error(
             "push to the Hub (%s) failed: %s. The output stays in %s; push it later with `hf upload %s %s`.",
             repo_id,
-            type(err).__name__,
+            _without_token(f"{type(err).__name__}: {err}"),
             output_dir,
             repo_id,
             output_dir,

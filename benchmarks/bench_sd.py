@@ -1,0 +1,174 @@
+"""Seconds per training step and peak memory of each Stable Diffusion method, with and without caching.
+
+Tiny pipeline at 64 px (the one the tests build; same shape as the reference figures for the diffusers example
+scripts in FIELD_NOTES.md), and optionally the Stable Diffusion 1.5 architecture at 512 px with random weights
+(no download), meant for a GPU.
+
+    .venv/bin/python benchmarks/bench_sd.py                 # tiny, CPU
+    .venv/bin/python benchmarks/bench_sd.py --sd15 --methods lora --mixed-precision bf16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import REPO, measure_training, print_table
+
+sys.path.insert(0, str(REPO))
+from tests.tiny_models import TOKENIZER_DIR, make_test_images, make_tiny_sd_pipeline  # noqa: E402
+
+# the diffusers example scripts on the same tiny pipeline, 64 px (FIELD_NOTES.md, measured on this machine kind)
+REFERENCE_S_PER_STEP = {"lora": 0.240, "dreambooth_lora": 0.148, "textual_inversion": 0.208}
+REFERENCE_PEAK_MB = {"lora": 730}
+
+
+def method_recipes(base: Path, data: Path, instance: Path, resolution: int) -> dict[str, dict]:
+    common = {
+        "model": {"pretrained_model_name_or_path": str(base)},
+        "data": {"resolution": resolution, "random_flip": True},
+        "optim": {"lr": 1e-4},
+    }
+    return {
+        "lora": {
+            **common,
+            "method": "lora",
+            "data": {**common["data"], "dataset": str(data)},
+            "train": {"train_batch_size": 4},
+            "lora": {"rank": 4},
+        },
+        "dreambooth_lora": {
+            **common,
+            "method": "dreambooth",
+            "data": {**common["data"], "dataset": str(instance)},
+            "train": {"train_batch_size": 2},
+            "dreambooth": {"use_lora": True, "instance_prompt": "a photo of sks toy"},
+        },
+        "dreambooth": {
+            **common,
+            "method": "dreambooth",
+            "data": {**common["data"], "dataset": str(instance)},
+            "train": {"train_batch_size": 2},
+            "dreambooth": {"instance_prompt": "a photo of sks toy"},
+        },
+        "textual_inversion": {
+            **common,
+            "method": "textual_inversion",
+            "data": {**common["data"], "dataset": str(instance)},
+            "train": {"train_batch_size": 4},
+            "textual_inversion": {"placeholder_token": "<sks>", "initializer_token": "toy"},
+        },
+    }
+
+
+def build_sd15(out_dir: Path) -> Path:
+    """Stable Diffusion 1.5's architecture with random weights (the vendored tiny tokenizer stands in for CLIP's)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        latent_channels=4,
+        sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "dreambooth", "textual_inversion"])
+    parser.add_argument("--steps", type=int, default=15, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
+    parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        resolution = 512 if args.sd15 else 64
+        base = build_sd15(tmp / "sd15") if args.sd15 else make_tiny_sd_pipeline(tmp / "tiny")
+        data = tmp / "captioned"
+        for i, image in enumerate(make_test_images(data, 16, size=resolution)):
+            image.with_suffix(".txt").write_text(f"a toy picture {i}")
+        instance = tmp / "instance"
+        make_test_images(instance, 5, size=resolution, seed=1)
+        recipes = method_recipes(base, data, instance, resolution)
+        rows = []
+        for name in args.methods:
+            for cache in ("none", "memory"):
+                recipe = json.loads(json.dumps(recipes[name]))
+                section = recipe["method"]
+                recipe.setdefault(section, {})["cache"] = cache
+                if args.sd15:
+                    recipe["train"]["train_batch_size"] = 1
+                if args.mixed_precision:
+                    recipe["train"]["mixed_precision"] = args.mixed_precision
+                result = measure_training(recipe, steps=args.steps, warmup_steps=3)
+                reference = None if args.sd15 else REFERENCE_S_PER_STEP.get(name)
+                rows.append(
+                    {
+                        "method": name,
+                        "batch": recipe["train"]["train_batch_size"],
+                        "cache": cache,
+                        "s_per_step": result["s_per_step"],
+                        "peak_memory_mb": result["peak_memory_mb"],
+                        "diffusers_script_s_per_step": reference,
+                        "speedup_vs_script": reference / result["s_per_step"] if reference else None,
+                    }
+                )
+                print(rows[-1], flush=True)
+    print()
+    print_table(
+        rows,
+        [
+            "method",
+            "batch",
+            "cache",
+            "s_per_step",
+            "diffusers_script_s_per_step",
+            "speedup_vs_script",
+            "peak_memory_mb",
+        ],
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Generate images from a pipeline with trained adapters; numbered PNGs and a grid, never overwriting a file.
+
+    python -m pipelines.generate stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a <cat-toy> on a bench" \\
+        --embeddings outputs/sd-textual-inversion-cat-toy --lora outputs/sd-lora-naruto:0.7 --scheduler dpm++ \\
+        --steps 30 --num-images 4 --seed 0 --out samples/
+    python -m pipelines.generate INPAINTING_MODEL --prompt "a red door" --image house.png --mask door-mask.png --out o/
+    python -m pipelines.generate outputs/digits-class-conditional --class-labels 3 7 --num-images 8 --out digits/
+    python -m pipelines.generate outputs/digits-unconditional --num-images 16 --out digits/
+
+Image i of a run uses seed + i, so any single image can be made again. Each PNG carries its settings as a
+`parameters` text chunk (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from pipelines.load import SCHEDULERS, load_pipeline
+
+NUMBERED_PNG = re.compile(r"^(\d+)\.png$")
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'PATH' -> (PATH, 1.0); 'PATH:0.7' -> (PATH, 0.7). A colon not followed by a number belongs to the path."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def pipeline_kind(pipe) -> str:
+    """'inpaint', 'text', 'class' or 'unconditional': which inputs the pipeline's __call__ takes."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "mask_image" in parameters:
+        return "inpaint"
+    if "prompt" in parameters:
+        return "text"
+    if "class_labels" in parameters:
+        return "class"
+    if "batch_size" in parameters:
+        return "unconditional"
+    raise ValueError(f"{type(pipe).__name__} is not a pipeline this command can run")
+
+
+def plan_jobs(kind: str, prompts: list[str], class_labels: list[int], num_images: int, seed: int) -> list[dict]:
+    """One dict per image: its prompt or label, and its seed."""
+    if kind in ("text", "inpaint"):
+        if not prompts:
+            raise ValueError("--prompt is required for a text-to-image or inpainting pipeline")
+        if class_labels:
+            raise ValueError("--class-labels needs a class-conditional pipeline")
+        items = [{"prompt": p} for p in prompts for _ in range(num_images)]
+    elif kind == "class":
+        if not class_labels:
+            raise ValueError("--class-labels is required for a class-conditional pipeline, e.g. --class-labels 0 3 7")
+        if prompts:
+            raise ValueError("--prompt does not apply to a class-conditional pipeline; use --class-labels")
+        items = [{"class_label": label} for label in class_labels for _ in range(num_images)]
+    else:
+        if prompts or class_labels:
+            raise ValueError("an unconditional pipeline takes neither --prompt nor --class-labels")
+        items = [{} for _ in range(num_images)]
+    for i, item in enumerate(items):
+        item["seed"] = seed + i
+    return items
+
+
+def _load_image(path: str | Path, mode: str) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image.convert(mode)
+
+
+def generate(
+    pipe,
+    *,
+    prompts: Sequence[str] = (),
+    negative_prompt: str | None = None,
+    class_labels: Sequence[int] = (),
+    num_images: int = 1,
+    steps: int = 50,
+    guidance: float | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    image: str | Path | Image.Image | None = None,
+    mask: str | Path | Image.Image | None = None,
+    strength: float = 1.0,
+    batch_size: int = 4,
+) -> list[tuple[Image.Image, dict[str, Any]]]:
+    """(image, its settings) for every image asked for."""
+    if num_images < 1 or batch_size < 1 or steps < 1:
+        raise ValueError("--num-images, --batch-size and --steps must be >= 1")
+    kind = pipeline_kind(pipe)
+    jobs = plan_jobs(kind, list(prompts), list(class_labels), num_images, seed)
+    if kind == "inpaint":
+        if image is None or mask is None:
+            raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give --image and --mask")
+        image = image if isinstance(image, Image.Image) else _load_image(image, "RGB")
+        mask = mask if isinstance(mask, Image.Image) else _load_image(mask, "L")
+        width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
+    elif image is not None or mask is not None:
+        raise ValueError(f"--image/--mask need an inpainting pipeline; {type(pipe).__name__} is not one")
+    if negative_prompt and kind not in ("text", "inpaint"):
+        raise ValueError("--negative-prompt needs a text-conditioned pipeline")
+    if guidance is not None and kind == "unconditional":
+        raise ValueError(f"{type(pipe).__name__} has no guidance; leave out --guidance")
+
+    results = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": steps,
+            "generator": [torch.Generator("cpu").manual_seed(job["seed"]) for job in batch],
+        }
+        if guidance is not None:
+            kwargs["guidance_scale"] = guidance
+        if kind in ("text", "inpaint"):
+            kwargs["prompt"] = [job["prompt"] for job in batch]
+            if negative_prompt:
+                kwargs["negative_prompt"] = [negative_prompt] * len(batch)
+            if height or width:
+                kwargs.update(height=height, width=width)
+            if kind == "inpaint":
+                kwargs.update(image=image, mask_image=mask, strength=strength)
+        elif kind == "class":
+            kwargs["class_labels"] = [job["class_label"] for job in batch]
+        else:
+            kwargs["batch_size"] = len(batch)
+        images = pipe(**kwargs).images
+        for picture, job in zip(images, batch):
+            settings = {**job, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__}
+            if negative_prompt:
+                settings["negative_prompt"] = negative_prompt
+            if kind == "inpaint":
+                settings["strength"] = strength
+            results.append((picture, settings))
+    return results
+
+
+def _write_new(path_for, image: Image.Image, start: int, info: PngInfo | None = None) -> Path:
+    """Save to the first path_for(n), n >= start, that does not exist yet (exclusive create: never overwrites)."""
+    n = start
+    while True:
+        path = path_for(n)
+        try:
+            with open(path, "xb") as handle:
+                image.save(handle, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str | Path, extra: dict | None = None):
+    """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...)."""
+    from finetune.outputs import image_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in out_dir.iterdir() if (m := NUMBERED_PNG.match(p.name))]
+    next_number = max(numbers, default=0) + 1
+    paths = []
+    for picture, settings in results:
+        info = PngInfo()
+        info.add_text("parameters", json.dumps({**settings, **(extra or {})}))
+        path = _write_new(lambda n: out_dir / f"{n:04d}.png", picture, next_number, info)
+        next_number = int(path.stem) + 1
+        paths.append(path)
+    grid = image_grid([picture for picture, _ in results])
+    grid_path = _write_new(lambda n: out_dir / ("grid.png" if n == 1 else f"grid-{n}.png"), grid, 1)
+    return paths, grid_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.generate",
+        description="Generate images with a diffusers pipeline (Stable Diffusion, inpainting, DDPM, class-conditional)"
+        " plus LoRAs, Textual Inversion embeddings or a trained UNet. Writes numbered PNGs and a grid to --out, "
+        "never overwriting existing files.",
+    )
+    parser.add_argument("base", help="pipeline folder or Hub id (model_index.json decides the pipeline type)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=[], help="class labels (class-conditional)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt / label (default: 1)")
+    parser.add_argument("--steps", type=int, default=50, help="inference steps (default: 50)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the pipeline's own")
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA folder, file or Hub id (repeat)"
+    )
+    parser.add_argument("--embeddings", action="append", default=[], help="Textual Inversion folder or file (repeat)")
+    parser.add_argument("--unet", default=None, help="a trained UNet folder (or a pipeline folder with unet/)")
+    parser.add_argument("--image", default=None, help="image to inpaint (inpainting pipelines)")
+    parser.add_argument("--mask", default=None, help="inpainting mask: white is repainted, black is kept")
+    parser.add_argument("--strength", type=float, default=1.0, help="inpainting strength (default: 1.0)")
+    parser.add_argument("--height", type=int, default=None, help="image height (text-to-image, inpainting)")
+    parser.add_argument("--width", type=int, default=None, help="image width (text-to-image, inpainting)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    loras = [parse_lora(spec) for spec in args.lora]
+    try:
+        pipe = load_pipeline(
+            args.base,
+            lora=[path for path, _ in loras] or None,
+            lora_scale=[scale for _, scale in loras] or 1.0,
+            embeddings=args.embeddings or None,
+            unet=args.unet,
+            scheduler=args.scheduler,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        results = generate(
+            pipe,
+            prompts=args.prompt,
+            negative_prompt=args.negative_prompt,
+            class_labels=args.class_labels,
+            num_images=args.num_images,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            image=args.image,
+            mask=args.mask,
+            strength=args.strength,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, OSError) as err:
+        print(f"pipelines.generate: error: {err}", file=sys.stderr)
+        return 2
+    extra = {"base": args.base, "lora": [f"{p}:{s}" for p, s in loras], "embeddings": args.embeddings}
+    if args.unet:
+        extra["unet"] = args.unet
+    paths, grid = save_images(results, args.out, extra)
+    for path in paths:
+        print(path)
+    print(f"grid: {grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
