@@ -135,3 +135,19 @@ def test_class_conditional_trains_and_samples_requested_classes(tmp_path):
     assert not np.allclose(other, plain), "the class label must change the output"
     with pytest.raises(ValueError, match="class_labels must be integers in"):
         pipe(class_labels=[10], num_inference_steps=1)
+
+
+def test_evaluation_is_logged_during_training_with_its_baseline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path / "cache"))
+    recipe = tiny_ddpm_recipe(
+        tmp_path / "run",
+        method="class_conditional",
+        train={"max_train_steps": 4, "eval_every": 2, "eval_num_samples": 20},
+    )
+    out = run_training(recipe)
+    evals = [r["eval"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "eval" in r]
+    assert len(evals) == 2
+    for metrics in evals:
+        for key in ("digits_fd", "digits_kid_mean", "digits_class_accuracy"):
+            assert np.isfinite(metrics[key]) and np.isfinite(metrics[f"{key}_baseline"])
+        assert metrics["digits_fd"] > metrics["digits_fd_baseline"], "4 steps of training are far from real digits"

@@ -80,10 +80,10 @@ class ClassConditionalDDPM(UnconditionalDDPM):
         )
 
     def sampling_inputs(self, num_images: int) -> dict[str, Any]:
-        return {"class_labels": self.requested_labels(num_images), "guidance_scale": self.options.guidance_scale}
+        return {"class_labels": torch.arange(num_images) % self.options.num_classes}
 
-    def requested_labels(self, num_images: int) -> torch.Tensor:
-        return torch.arange(num_images) % self.options.num_classes
+    def guidance_inputs(self) -> dict[str, Any]:
+        return {"guidance_scale": self.options.guidance_scale}
 
     def card(self) -> dict[str, Any]:
         return {

@@ -6,6 +6,7 @@ Trains: every UNet parameter. Loss: the diffusion objective of DenoisingMethod. 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -157,22 +158,15 @@ class UnconditionalDDPM(DenoisingMethod):
     def pipeline(self):
         return DDPMPipeline(unet=self.unwrap(self.unet), scheduler=self.sampling_scheduler())
 
-    @torch.no_grad()
-    def generate(self, num_images: int, seed: int, output_type: str = "pil", **kwargs):
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Dropout off while sampling; the training mode comes back afterwards."""
         unet = self.unwrap(self.unet)
         was_training = unet.training
         unet.eval()
         try:
-            generator = torch.Generator(self.device).manual_seed(seed)
-            pipe = self.pipeline()
-            pipe.set_progress_bar_config(disable=True)
-            return pipe(
-                **self.sampling_inputs(num_images),
-                generator=generator,
-                output_type=output_type,
-                num_inference_steps=self.config.diffusion.num_inference_steps,
-                **kwargs,
-            ).images
+            with torch.no_grad():
+                yield
         finally:
             unet.train(was_training)
 
@@ -180,21 +174,44 @@ class UnconditionalDDPM(DenoisingMethod):
         """What the pipeline is asked for besides steps and seed."""
         return {"batch_size": num_images}
 
-    def requested_labels(self, num_images: int) -> torch.Tensor | None:
-        """The class each generated image should show, for evaluation (None: unconditional)."""
-        return None
+    def inference_steps(self) -> int:
+        """Sampling steps of sample grids and evaluation."""
+        return self.config.diffusion.num_inference_steps
+
+    def guidance_inputs(self) -> dict[str, Any]:
+        """Pipeline arguments that evaluation passes on (a guided model's guidance scale)."""
+        return {}
 
     def sample(self, num_images: int, seed: int) -> list:
-        return self.generate(num_images, seed)
+        with self.eval_mode():
+            pipe = self.pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            return pipe(
+                **self.sampling_inputs(num_images),
+                **self.guidance_inputs(),
+                generator=torch.Generator(self.device).manual_seed(seed),
+                num_inference_steps=self.inference_steps(),
+            ).images
 
     def evaluate(self, num_images: int, seed: int) -> dict[str, float] | None:
+        """Fréchet distance, KID and class accuracy of samples on the digits classifier's features, each with its
+        real-vs-real baseline (digits only)."""
         if self.config.data.dataset != "digits":
             return None
-        from finetune.evaluate import DigitsEvaluator
+        from finetune.evaluate import DigitsEvaluator, evaluate_pipeline, metrics_for_logging
 
-        images = torch.from_numpy(self.generate(num_images, seed, output_type="np")).permute(0, 3, 1, 2) * 2 - 1
-        evaluator = DigitsEvaluator(resolution=self.config.data.resolution)
-        return evaluator.score(images, class_labels=self.requested_labels(num_images))
+        if getattr(self, "_evaluator", None) is None:  # trains or loads the cached classifier once per run
+            self._evaluator = DigitsEvaluator(resolution=self.config.data.resolution)
+        with self.eval_mode():
+            result = evaluate_pipeline(
+                self.pipeline(),
+                num_samples=num_images,
+                steps=self.inference_steps(),
+                seed=seed,
+                digits_evaluator=self._evaluator,
+                pipeline_kwargs=self.guidance_inputs(),
+            )
+        return metrics_for_logging(result, prefix="")
 
     def save(self, output_dir: Path) -> None:
         self.pipeline().save_pretrained(output_dir, safe_serialization=True)
