@@ -173,7 +173,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_fold
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sd, captioned_folder, tmp_path):
-    steps = 30
+    steps = 16
 
     def recipe(output_dir):
         r = lora_recipe(tiny_sd, captioned_folder, output_dir, cache="memory", caption_dropout=0.2)
