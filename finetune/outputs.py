@@ -19,14 +19,15 @@ RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_i
 HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
 
 
-def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile images (all of one size) row by row."""
+def image_grid(images: list[Image.Image], columns: int | None = None, gap: int = 2) -> Image.Image:
+    """Tile images (all of one size) row by row, `gap` pixels of mid-gray between them."""
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    fill = 128 if images[0].mode == "L" else (128,) * len(images[0].getbands())
+    grid = Image.new(images[0].mode, (columns * (width + gap) + gap, rows * (height + gap) + gap), fill)
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+        grid.paste(image, (gap + (i % columns) * (width + gap), gap + (i // columns) * (height + gap)))
     return grid
 
 
