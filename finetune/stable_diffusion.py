@@ -373,6 +373,10 @@ class TextToImageMethod(DenoisingMethod):
     def validation_prompts(self) -> list[str]:
         return self.options.validation_prompts or [self.default_prompt()]
 
+    def sampling_inputs(self, num_images: int) -> dict[str, Any]:
+        """Pipeline arguments besides prompts, steps and seed (an inpainting pipeline needs an image and a mask)."""
+        return {}
+
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
         prompts = self.validation_prompts()
@@ -392,6 +396,7 @@ class TextToImageMethod(DenoisingMethod):
                     generator=generator,
                     height=self.config.data.resolution,
                     width=self.config.data.resolution,
+                    **self.sampling_inputs(num_images),
                 ).images
         finally:
             for module, mode in zip(modules, modes):

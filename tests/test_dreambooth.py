@@ -1,0 +1,231 @@
+"""DreamBooth on a tiny Stable Diffusion: full and LoRA outputs load into plain diffusers pipelines and change the
+image; prior preservation generates exactly the missing class images and weights them; bad inputs fail early."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from finetune.config import ConfigError, load_config
+from finetune.data import collate_examples
+from finetune.methods.dreambooth import DreamBooth, missing_class_indices
+from tests.helpers import reset_accelerate, run_training
+from tests.tiny_models import make_test_images
+
+PROMPT = "a photo of sks toy"
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("instance")
+    make_test_images(folder, 4, size=64)
+    return folder
+
+
+def recipe(base, instance, output_dir, method="dreambooth", lr=1e-3, steps=2, **options):
+    return {
+        "method": method,
+        "model": {"pretrained_model_name_or_path": str(base)},
+        "data": {"resolution": 64},
+        "optim": {"lr": lr, "lr_scheduler": "constant"},
+        "diffusion": {"num_inference_steps": 2},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_train_steps": steps,
+            "train_batch_size": 2,
+            "log_every": 1,
+            "num_samples": 1,
+            "report_to": "jsonl",
+            "progress_bar": False,
+        },
+        "checkpoint": {"checkpointing_steps": 0},
+        method: {"instance_data_dir": str(instance), "instance_prompt": PROMPT, **options},
+    }
+
+
+def prior(class_dir, num_class_images=3, **options):
+    return dict(
+        with_prior_preservation=True,
+        class_prompt="a photo of toy",
+        class_data_dir=str(class_dir),
+        num_class_images=num_class_images,
+        sample_batch_size=2,
+        **options,
+    )
+
+
+def generate(pipe, prompt=PROMPT):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.manual_seed(0),
+        height=64,
+        width=64,
+        output_type="np",
+    ).images
+
+
+def set_up(config) -> DreamBooth:
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    method = DreamBooth(config, Accelerator(cpu=True))
+    method.setup()
+    return method
+
+
+def test_full_dreambooth_saves_a_pipeline_that_changes_the_output(tiny_sd_dir, instance_dir, tmp_path):
+    out = run_training(recipe(tiny_sd_dir, instance_dir, tmp_path / "run", train_text_encoder=True))
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    trained = StableDiffusionPipeline.from_pretrained(out)  # a complete pipeline folder, nothing else needed
+    assert np.abs(generate(trained) - generate(base)).max() > 1e-3, "the fine-tuned pipeline must change the image"
+
+    def weights(folder, part):
+        return next(load_file(str(p)) for p in (folder / part).glob("*.safetensors"))
+
+    for part, should_change in (("unet", True), ("text_encoder", True), ("vae", False)):
+        new, old = weights(out, part), weights(tiny_sd_dir, part)
+        assert new.keys() == old.keys() and all(v.dtype == torch.float32 for v in new.values())
+        changed = any(not torch.equal(new[k], old[k]) for k in new)
+        assert changed == should_change, part
+    card = (out / "README.md").read_text()
+    for fact in ("sks", "StableDiffusionPipeline.from_pretrained", "learning rate", "samples/final.png", "dreambooth"):
+        assert fact in card
+    assert (out / "samples" / "final.png").is_file()
+
+
+def test_lora_dreambooth_with_prior_preservation_loads_and_unloads(tiny_sd_dir, instance_dir, tmp_path):
+    options = dict(use_lora=True, rank=4, **prior(tmp_path / "class", num_class_images=2))
+    out = run_training(recipe(tiny_sd_dir, instance_dir, tmp_path / "run", lr=5e-3, **options))
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == ["class_0.png", "class_1.png"]
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    base = generate(pipe)
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - base).max() > 1e-3, "the LoRA must change the image"
+    pipe.unload_lora_weights()
+    np.testing.assert_allclose(generate(pipe), base, atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "`sks`" in card and "prior preservation" in card
+
+
+@pytest.fixture(scope="module")
+def prior_run(tiny_sd_dir, instance_dir, tmp_path_factory):
+    """Set up (no training) with a class folder that already holds a user's image and class_1.png: 4 are wanted."""
+    root = tmp_path_factory.mktemp("prior")
+    class_dir = root / "class"
+    make_test_images(root / "seed", 2, size=48, seed=7)
+    class_dir.mkdir()
+    shutil.copy(root / "seed" / "image_000.png", class_dir / "my_photo.png")
+    shutil.copy(root / "seed" / "image_001.png", class_dir / "class_1.png")
+    before = {p.name: p.read_bytes() for p in class_dir.iterdir()}
+    config = load_config(recipe(tiny_sd_dir, instance_dir, root / "run", **prior(class_dir, 4, prior_loss_weight=0.5)))
+    method = set_up(config)
+    return method, config, class_dir, before
+
+
+def test_prior_preservation_generates_exactly_the_missing_class_images(prior_run, monkeypatch):
+    method, config, class_dir, before = prior_run
+    after = {p.name: p.read_bytes() for p in class_dir.iterdir()}
+    assert sorted(after) == ["class_0.png", "class_1.png", "class_2.png", "my_photo.png"]
+    assert all(after[name] == data for name, data in before.items()), "existing class images are kept byte for byte"
+    assert len(method.train_dataset.source.classes) == 4
+
+    # a second run finds them all: no pipeline is even built
+    monkeypatch.setattr(DreamBooth, "pipeline", lambda self: pytest.fail("nothing should be generated"))
+    set_up(config)
+    assert {p.name: p.read_bytes() for p in class_dir.iterdir()} == after
+    monkeypatch.undo()
+
+    # an interrupted generation resumes with what is missing, and each image depends only on its own seed
+    (class_dir / "class_2.png").unlink()
+    set_up(config)
+    assert (class_dir / "class_2.png").read_bytes() == after["class_2.png"]
+
+
+def test_missing_class_indices_fill_the_gaps():
+    assert missing_class_indices({"class_1.png", "dog.png"}, 3) == [0, 2, 3]
+    assert missing_class_indices(set(), 0) == []
+    # two processes striding over the indices write disjoint files that together are the whole set
+    indices = missing_class_indices({"class_0.png"}, 5)
+    assert sorted(indices[0::2] + indices[1::2]) == indices == [1, 2, 3, 4, 5]
+
+
+def test_class_examples_carry_the_prior_loss_weight(prior_run):
+    method = prior_run[0]
+    examples = method.train_dataset
+    batch = collate_examples([examples[i] for i in range(len(examples))])
+    is_class = torch.tensor([text == "a photo of toy" for text in batch["text"]])
+    assert is_class.sum() == (~is_class).sum() == 4, "an epoch holds as many class as instance examples"
+    assert set(batch["text"]) == {"a photo of toy", PROMPT}
+    # 2 and 2 x prior_loss_weight: the expected loss is diffusers' mse(instance) + prior_loss_weight * mse(class)
+    assert torch.all(batch["loss_weight"][is_class] == 1.0) and torch.all(batch["loss_weight"][~is_class] == 2.0)
+    weights = method.loss_weights(torch.zeros(len(is_class), dtype=torch.long), batch)
+    assert torch.equal(weights, batch["loss_weight"])
+    assert len(set(batch["row"].tolist())) == 8, "class rows never collide with instance rows (latent cache keys)"
+    loss, _ = method.loss(collate_examples([examples[i] for i in range(2)]))
+    assert torch.isfinite(loss)
+
+
+def test_missing_trigger_and_bad_options_fail_before_models_load(tiny_sd_dir, instance_dir, tmp_path):
+    base = recipe(tmp_path / "no-such-model", instance_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match="does not contain the trigger 'sks'"):
+        load_config(base, ["dreambooth.instance_prompt=a photo of my toy"])
+    with pytest.raises(ConfigError, match="trigger 'zwx'"):
+        load_config(base, ["dreambooth.trigger=zwx"])
+    with pytest.raises(ConfigError, match="does not contain the trigger"):
+        load_config(base, ["dreambooth.instance_prompt=he asks for a toy"])
+    load_config(base, ["dreambooth.trigger=zwx", "dreambooth.instance_prompt=a photo of zwx toy"])
+    with pytest.raises(ConfigError, match="must be a multiple of 8"):
+        load_config(base, ["data.resolution=60"])
+    with pytest.raises(ConfigError, match="needs dreambooth.class_prompt"):
+        load_config(base, ["dreambooth.with_prior_preservation=true"])
+    with pytest.raises(ConfigError, match="class_prompt 'a photo of sks' contains the trigger"):
+        load_config(base, ["dreambooth.with_prior_preservation=true", "dreambooth.class_prompt=a photo of sks"])
+    with pytest.raises(ConfigError, match="instance_data_dir is required"):
+        load_config({**base, "dreambooth": {"instance_prompt": PROMPT}})
+    with pytest.raises(ConfigError, match="instance_data_dir: the folder .* does not exist"):
+        run_training(base, f"dreambooth.instance_data_dir={tmp_path / 'nothing'}")
+
+
+def test_non_images_in_the_instance_folder_are_skipped_and_counted(tiny_sd_dir, tmp_path, caplog):
+    from accelerate import Accelerator
+
+    folder = tmp_path / "instance"
+    make_test_images(folder, 3, size=64)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "image_000.txt").write_text("a photo of sks toy, red")  # a caption, not a stray file
+    reset_accelerate()
+    method = DreamBooth(load_config(recipe(tiny_sd_dir, folder, tmp_path / "run")), Accelerator(cpu=True))
+    with caplog.at_level(logging.WARNING):
+        source = method.build_source()
+    assert len(source) == 3
+    assert method.skipped_instance_files == {"not images": [".DS_Store", "notes.txt"], "unreadable": ["broken.jpg"]}
+    assert "training on 3 images; skipped 3 file(s)" in caplog.text
+
+    # per-image captions (.txt next to the image) must name the trigger too; images without one use instance_prompt
+    captioned = DreamBooth(
+        load_config(recipe(tiny_sd_dir, folder, tmp_path / "b", use_captions=True)), method.accelerator
+    )
+    source = captioned.build_source()
+    rng = np.random.default_rng(0)
+    assert [captioned.caption_for(source.get(i, rng), rng) for i in range(3)] == [
+        "a photo of sks toy, red",
+        PROMPT,
+        PROMPT,
+    ]
+    (folder / "image_001.txt").write_text("a photo of a toy")
+    with pytest.raises(ConfigError, match="1 caption.* do not contain the trigger 'sks' \\(image_001.png\\)"):
+        captioned.build_source()
