@@ -148,7 +148,7 @@ def test_generate_writes_numbered_images_and_a_grid_without_overwriting(tiny_sd_
     assert main(argv + ["--negative-prompt", "blurry", "--batch-size", "3"]) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(first) == ["0001.png", "0002.png", "0003.png", "0004.png", "grid.png"]
-    assert Image.open(out / "grid.png").size == (64, 64)
+    assert Image.open(out / "grid.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2x2 tiles, 2 px gaps
     settings = json.loads(Image.open(out / "0003.png").text["parameters"])
     assert settings["prompt"] == "a toy drawing" and settings["seed"] == 7 and settings["negative_prompt"] == "blurry"
     assert settings["lora"] == [f"{a}:0.7", f"{b}:1.0"] and settings["scheduler"] == "DPMSolverMultistepScheduler"
