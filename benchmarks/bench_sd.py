@@ -43,16 +43,18 @@ def method_recipes(base: Path, data: Path, instance: Path, resolution: int) -> d
         "dreambooth_lora": {
             **common,
             "method": "dreambooth",
-            "data": {**common["data"], "dataset": str(instance)},
             "train": {"train_batch_size": 2},
-            "dreambooth": {"use_lora": True, "instance_prompt": "a photo of sks toy"},
+            "dreambooth": {
+                "use_lora": True,
+                "instance_data_dir": str(instance),
+                "instance_prompt": "a photo of sks toy",
+            },
         },
         "dreambooth": {
             **common,
             "method": "dreambooth",
-            "data": {**common["data"], "dataset": str(instance)},
             "train": {"train_batch_size": 2},
-            "dreambooth": {"instance_prompt": "a photo of sks toy"},
+            "dreambooth": {"instance_data_dir": str(instance), "instance_prompt": "a photo of sks toy"},
         },
         "textual_inversion": {
             **common,
