@@ -13,7 +13,7 @@ ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 -
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,app]"
 	touch $(STAMP)
 
 install: $(STAMP)
