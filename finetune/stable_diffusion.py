@@ -355,10 +355,17 @@ class TextToImageMethod(DenoisingMethod):
         return self.unet(noisy, timesteps, encoder_hidden_states=self.text_conditioning(batch)).sample
 
     # -- outputs -----------------------------------------------------------------------------------------------------
-    def pipeline(self):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    def pipeline_class(self):
+        """The diffusers pipeline class named by `pipeline_name` (text-to-image or inpainting)."""
+        import diffusers
 
-        return StableDiffusionPipeline(
+        return getattr(diffusers, self.pipeline_name)
+
+    def pipeline(self):
+        """Validation (and class-image) pipeline from the modules being trained, DDIM sampling."""
+        from diffusers import DDIMScheduler
+
+        return self.pipeline_class()(
             vae=self.vae,
             text_encoder=self.unwrap(self.text_encoder),
             tokenizer=self.tokenizer,

@@ -508,27 +508,6 @@ class DreamBooth(TextToImageMethod):
         return classes
 
     # -- outputs -----------------------------------------------------------------------------------------------------
-    def pipeline_class(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_name)
-
-    def pipeline(self):
-        """Validation and class-image pipeline from the modules being trained, DDIM sampling."""
-        from diffusers import DDIMScheduler
-
-        return self.pipeline_class()(
-            vae=self.vae,
-            text_encoder=self.unwrap(self.text_encoder),
-            tokenizer=self.tokenizer,
-            unet=self.unwrap(self.unet),
-            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
-
     def base_component(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
         """A frozen component as the base model has it: reloaded when it was cast to a lower precision here."""
         if self.weight_dtype == torch.float32:
