@@ -60,3 +60,98 @@ def alphas_sigmas(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, tor
     alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
     abar = alphas_cumprod[timesteps]
     return abar.sqrt(), (1 - abar).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# deterministic DDIM and progressive distillation, in (alpha_t, sigma_t) form: z_t = alpha_t x + sigma_t eps
+# ---------------------------------------------------------------------------------------------------------------------
+def _per_example(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] coefficients viewed as [B, 1, 1, ...] to scale [B, ...] tensors (scalars and broadcastable shapes pass)."""
+    coefficient = torch.as_tensor(coefficient, device=like.device)
+    if coefficient.ndim == 1 and like.ndim > 1:
+        coefficient = coefficient.view(-1, *([1] * (like.ndim - 1)))
+    return coefficient.to(like.dtype)
+
+
+def alphas_sigmas_or_final(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha_cumprod: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t, sigma_t (float64) at `timesteps`, where t < 0 is the end of sampling and uses `final_alpha_cumprod`, as
+    diffusers' DDIMScheduler does for the last step (1 with set_alpha_to_one: the x0 of Song et al. 2021, eq. 12)."""
+    alphas_cumprod = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
+    final = torch.as_tensor(final_alpha_cumprod, dtype=torch.float64, device=timesteps.device)
+    abar = torch.where(timesteps >= 0, alphas_cumprod[timesteps.clamp(min=0)], final)
+    return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+
+
+def prediction_to_clean_and_noise(
+    model_output: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) implied by a model output at z_t: eps-prediction x0 = (z - sigma eps) / alpha (Ho et al. 2020, eq. 4),
+    v-prediction x0 = alpha z - sigma v, eps = alpha v + sigma z (Salimans & Ho 2022, sec. 4 and App. D), or x0."""
+    a, s = _per_example(alpha, noisy), _per_example(sigma, noisy)
+    if prediction_type == "epsilon":
+        return (noisy - s * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * noisy - s * model_output, a * model_output + s * noisy
+    if prediction_type == "sample":
+        return model_output, (noisy - a * model_output) / s
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'v_prediction' or 'sample'")
+
+
+def clean_to_prediction(
+    clean: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The model output whose x0 at z_t is `clean`: eps = (z - alpha x0) / sigma, v = (alpha z - x0) / sigma
+    (= alpha eps - sigma x0, Salimans & Ho 2022, sec. 4), or x0 itself."""
+    a, s = _per_example(alpha, noisy), _per_example(sigma, noisy)
+    if prediction_type == "epsilon":
+        return (noisy - a * clean) / s
+    if prediction_type == "v_prediction":
+        return (a * noisy - clean) / s
+    if prediction_type == "sample":
+        return clean
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'v_prediction' or 'sample'")
+
+
+def noise_from_clean(clean: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+    """eps = (z_t - alpha_t x0) / sigma_t: the noise a clean-sample prediction implies (Song et al. 2021, eq. 12)."""
+    return (noisy - _per_example(alpha, noisy) * clean) / _per_example(sigma, noisy)
+
+
+def ddim_step(clean: torch.Tensor, noise: torch.Tensor, alpha_next: torch.Tensor, sigma_next: torch.Tensor):
+    """One deterministic DDIM step: z_s = alpha_s x0_hat + sigma_s eps_hat (Song et al. 2021, eq. 12 with eta = 0)."""
+    return _per_example(alpha_next, clean) * clean + _per_example(sigma_next, noise) * noise
+
+
+def distillation_target(
+    noisy: torch.Tensor,
+    teacher_noisy: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_next: torch.Tensor,
+    sigma_next: torch.Tensor,
+) -> torch.Tensor:
+    """The x-target x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t): one DDIM step
+    from z_t with x0 = x~ lands on the teacher's z_t'' after two steps (Salimans & Ho 2022, Algorithm 2)."""
+    ratio = _per_example(sigma_next / sigma, noisy)
+    return (teacher_noisy - ratio * noisy) / (_per_example(alpha_next, noisy) - ratio * _per_example(alpha, noisy))
+
+
+def distillation_loss_weights(
+    alpha: torch.Tensor, sigma: torch.Tensor, weighting: str, prediction_type: str
+) -> torch.Tensor:
+    """Per-example weights on the MSE of the student's output that make it the x-space loss weighted by SNR + 1 or by
+    max(SNR, 1) ("truncated SNR"), SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4): the v-MSE is sigma^2 x-MSE."""
+    snr = alpha**2 / sigma**2
+    if weighting == "snr_plus_one":
+        x_weight = snr + 1
+    elif weighting == "truncated_snr":
+        x_weight = torch.clamp(snr, min=1.0)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}: use 'snr_plus_one' or 'truncated_snr'")
+    if prediction_type == "v_prediction":
+        return x_weight * sigma**2
+    if prediction_type == "sample":
+        return x_weight
+    raise ValueError(f"distillation trains a 'v_prediction' or 'sample' student, not {prediction_type!r}")

@@ -170,6 +170,7 @@ def train(config: Config) -> Path:
         )
         ema.to(accelerator.device)
     ckpt.register_trainable_only_hooks(accelerator)
+    method.ema = ema
     method.before_training()
 
     # resume: weights, optimizer, scheduler, RNG and EMA from the checkpoint; the data position from the step

@@ -44,6 +44,9 @@ class Method:
             accelerator.mixed_precision, torch.float32
         )
         self.train_dataset = None
+        # the loop's EMA of the trainable parameters (diffusers EMAModel; None without ema.use_ema), set before
+        # before_training(): for methods that restart or read the average mid-run (distillation stages)
+        self.ema = None
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
