@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +23,8 @@ from benchmarks.common import REPO, measure_training, print_table
 sys.path.insert(0, str(REPO))
 from tests.tiny_models import TOKENIZER_DIR, make_test_images, make_tiny_sd_pipeline  # noqa: E402
 
-# the diffusers example scripts on the same tiny pipeline, 64 px (FIELD_NOTES.md, measured on this machine kind)
+# the diffusers example scripts on the same tiny pipeline, 64 px (FIELD_NOTES.md, measured on this machine kind on
+# another day; the side-by-side figure is benchmarks/reference_sd_step.py, timed in the same run)
 REFERENCE_S_PER_STEP = {"lora": 0.240, "dreambooth_lora": 0.148, "textual_inversion": 0.208}
 REFERENCE_PEAK_MB = {"lora": 730}
 
@@ -112,10 +115,36 @@ def build_sd15(out_dir: Path) -> Path:
     return out_dir
 
 
+REFERENCE_BATCH = {"lora": 4, "dreambooth_lora": 2, "textual_inversion": 4}
+
+
+def measure_reference(name: str, base: Path, data: Path, instance: Path, steps: int) -> dict:
+    """The diffusers example script's per-step work (benchmarks/reference_sd_step.py) in a fresh process."""
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "reference_sd_step.py"),
+        "--method",
+        name,
+        "--base",
+        str(base),
+        "--data",
+        str(data if name == "lora" else instance),
+        "--batch-size",
+        str(REFERENCE_BATCH[name]),
+        "--steps",
+        str(steps),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"reference run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "dreambooth", "textual_inversion"])
+    parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "textual_inversion", "dreambooth"])
     parser.add_argument("--steps", type=int, default=15, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
     parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
@@ -133,28 +162,40 @@ def main() -> None:
         recipes = method_recipes(base, data, instance, resolution)
         rows = []
         for name in args.methods:
+            # the reference and both cache modes take turns, so a slow minute of the machine hits all of them
+            with_reference = not args.sd15 and name in REFERENCE_BATCH
+            samples: dict[str, list[dict]] = {"reference": [], "none": [], "memory": []}
+            for _ in range(args.repeats):
+                if with_reference:
+                    samples["reference"].append(measure_reference(name, base, data, instance, args.steps))
+                for cache in ("none", "memory"):
+                    recipe = json.loads(json.dumps(recipes[name]))
+                    recipe.setdefault(recipe["method"], {})["cache"] = cache
+                    if args.sd15:
+                        recipe["train"]["train_batch_size"] = 1
+                    if args.mixed_precision:
+                        recipe["train"]["mixed_precision"] = args.mixed_precision
+                    samples[cache].append(measure_training(recipe, steps=args.steps, warmup_steps=3))
+                    print(name, cache, samples[cache][-1], flush=True)
+            reference = statistics.median(r["s_per_step"] for r in samples["reference"]) if with_reference else None
+            reference_memory = (
+                statistics.median(r["peak_memory_mb"] for r in samples["reference"]) if with_reference else None
+            )
             for cache in ("none", "memory"):
-                recipe = json.loads(json.dumps(recipes[name]))
-                section = recipe["method"]
-                recipe.setdefault(section, {})["cache"] = cache
-                if args.sd15:
-                    recipe["train"]["train_batch_size"] = 1
-                if args.mixed_precision:
-                    recipe["train"]["mixed_precision"] = args.mixed_precision
-                result = measure_training(recipe, steps=args.steps, warmup_steps=3)
-                reference = None if args.sd15 else REFERENCE_S_PER_STEP.get(name)
+                s_per_step = statistics.median(r["s_per_step"] for r in samples[cache])
                 rows.append(
                     {
                         "method": name,
-                        "batch": recipe["train"]["train_batch_size"],
+                        "batch": recipes[name]["train"]["train_batch_size"] if not args.sd15 else 1,
                         "cache": cache,
-                        "s_per_step": result["s_per_step"],
-                        "peak_memory_mb": result["peak_memory_mb"],
-                        "diffusers_script_s_per_step": reference,
-                        "speedup_vs_script": reference / result["s_per_step"] if reference else None,
+                        "s_per_step": s_per_step,
+                        "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in samples[cache]),
+                        "script_s_per_step": reference,
+                        "speedup_vs_script": reference / s_per_step if reference else None,
+                        "script_peak_mb": reference_memory,
+                        "field_notes_s_per_step": None if args.sd15 else REFERENCE_S_PER_STEP.get(name),
                     }
                 )
-                print(rows[-1], flush=True)
     print()
     print_table(
         rows,
@@ -163,9 +204,11 @@ def main() -> None:
             "batch",
             "cache",
             "s_per_step",
-            "diffusers_script_s_per_step",
+            "script_s_per_step",
             "speedup_vs_script",
             "peak_memory_mb",
+            "script_peak_mb",
+            "field_notes_s_per_step",
         ],
     )
     if args.json:

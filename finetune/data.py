@@ -237,16 +237,16 @@ class DigitsRecords(torch.utils.data.Dataset):
     def __init__(self, config: DataConfig, split: str = "all", exclude_labels: Sequence[int] = ()):
         from finetune.digits import load_digits_tensors
 
-        if config.channels not in (None, 1):
-            raise ConfigError("data.channels: the digits are grayscale; use data.channels=1 (or null)")
         images, labels = load_digits_tensors(config.resolution, split)
+        if config.channels == 3:  # gray replicated: what RGB models (a Stable Diffusion VAE) take
+            images = images.expand(-1, 3, -1, -1).contiguous()
         if exclude_labels:
             keep = ~torch.isin(labels, torch.tensor(list(exclude_labels)))
             images, labels = images[keep], labels[keep]
         if config.max_samples is not None:
             images, labels = images[: config.max_samples], labels[: config.max_samples]
         self.config, self.images, self.labels = config, images, labels
-        self.channels = 1
+        self.channels = images.shape[1]
         self.skipped: list = []
 
     def __len__(self) -> int:
@@ -313,10 +313,13 @@ def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def build_image_source(config: DataConfig, columns: Sequence[str] = (), channels: int | None = None):
-    """The training images named by `data.dataset`: the digits or an image folder / Hub dataset."""
+def build_image_source(
+    config: DataConfig, columns: Sequence[str] = (), channels: int | None = None, exclude_labels: Sequence[int] = ()
+):
+    """The training images named by `data.dataset`: the digits (without the classes in `exclude_labels`) or an image
+    folder / Hub dataset."""
     if config.dataset == "digits":
-        return DigitsRecords(config)
+        return DigitsRecords(config, exclude_labels=exclude_labels)
     channels = channels or config.channels or 3
     records = load_records(config)
     required = {column: f"data.{_column_option(config, column)}" for column in columns}

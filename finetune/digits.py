@@ -49,3 +49,9 @@ def digits_split_indices(
         test.extend(idx[:n_test])
         train.extend(idx[n_test:])
     return np.sort(np.array(train)), np.sort(np.array(test))
+
+
+def thicken_strokes(images: torch.Tensor, width: int = 3) -> torch.Tensor:
+    """The "thick strokes" style of the fine-tuning benchmark: grey-level dilation of bright strokes on a dark
+    background (a `width` x `width` max filter) of images [N, C, H, W] in [-1, 1]."""
+    return F.max_pool2d(images, kernel_size=width, stride=1, padding=width // 2)

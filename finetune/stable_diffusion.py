@@ -182,7 +182,7 @@ class TextToImageMethod(DenoisingMethod):
     def setup(self) -> None:
         # data first: a wrong column or an empty folder fails before the models load
         source = self.build_source()
-        parts = load_components(self.config, self.pipeline_name)
+        parts = self.load_components()
         self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
         self.unet, self.noise_scheduler = parts.unet, parts.noise_scheduler
         self.prediction_type = self.noise_scheduler.config.prediction_type
@@ -209,6 +209,11 @@ class TextToImageMethod(DenoisingMethod):
             min_length=self.config.train.train_batch_size * self.accelerator.num_processes,
         )
         self.cache: LatentCache | None = None
+
+    def load_components(self) -> SimpleNamespace:
+        """tokenizer, text_encoder, vae, unet, noise_scheduler: the base pipeline's (a method that builds new ones,
+        such as latent diffusion from scratch, overrides this)."""
+        return load_components(self.config, self.pipeline_name)
 
     def check_models(self) -> None:
         if self.unet.config.in_channels != self.vae.config.latent_channels:

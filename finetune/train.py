@@ -94,6 +94,16 @@ def averaged_weights(ema: EMAModel | None, parameters: list[torch.nn.Parameter])
         ema.restore(parameters)
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that `train` can run again in the same process (tests,
+    benchmarks running several jobs in one interpreter)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+
+
 def train(config: Config) -> Path:
     output_dir = Path(config.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

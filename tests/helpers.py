@@ -18,11 +18,9 @@ PYTHON = sys.executable
 
 def reset_accelerate() -> None:
     """accelerate keeps process-wide singletons; a fresh one per in-process run keeps tests independent."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from finetune.train import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def run_training(recipe: dict | str | Path, *overrides: str) -> Path:

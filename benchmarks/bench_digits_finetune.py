@@ -1,0 +1,433 @@
+"""What each fine-tuning method teaches the miniature text-to-image model (finetune/recipes/digits_text_to_image.yaml).
+
+The miniature model never saw a nine. Each method gets a handful of nines under a new token and is measured on:
+
+- fidelity: the fraction of images for "a handwritten digit <token>" that the digits classifier reads as a nine;
+- prior preservation: the fraction of images for the other digits' prompts ("a handwritten digit seven") still read
+  as the digit asked for, before and after (language drift);
+- training time, steps, and the size of what it saves.
+
+A style (thick strokes) is taught with LoRA too, measured by a second small classifier (thin vs thick strokes) on
+images drawn with and without the style's trigger.
+
+    python -m benchmarks.bench_digits_finetune            # trains the miniature model first when it is missing
+    make bench-digits                                     # the same
+
+Writes <work>/results.md (the table) and <work>/grid_<method>.png (rows: the new token, then digits 0-8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from finetune.digits import DIGIT_NAMES, load_digits_tensors, thicken_strokes
+from finetune.methods.latent_diffusion import digit_prompt, generate_images
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "finetune" / "recipes"
+HELD_OUT = 9
+TRIGGER = "sks"  # LoRA and DreamBooth: a token the miniature model's captions never used
+PLACEHOLDER = "<new-digit>"  # Textual Inversion: a new token with a learned embedding
+STYLE_TRIGGER = "zwx"
+logger = logging.getLogger("bench_digits_finetune")
+
+
+@dataclass
+class Teaching:
+    """One fine-tuning method of the benchmark: its recipe, where its data goes, how its output loads."""
+
+    label: str
+    recipe: str
+    data_key: str  # the override naming the instance folder
+    loads_as: str  # "lora", "embeddings" or "pipeline"
+    token: str = TRIGGER
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        return f"a handwritten digit {self.token}"
+
+
+TEACHINGS = [
+    Teaching("LoRA", "digits_teach_lora.yaml", "data.dataset", "lora"),
+    Teaching("DreamBooth", "digits_teach_dreambooth.yaml", "dreambooth.instance_data_dir", "pipeline"),
+    Teaching(
+        "DreamBooth + prior preservation",
+        "digits_teach_dreambooth_prior.yaml",
+        "dreambooth.instance_data_dir",
+        "pipeline",
+    ),
+    Teaching("DreamBooth-LoRA", "digits_teach_dreambooth_lora.yaml", "dreambooth.instance_data_dir", "lora"),
+    Teaching("Textual Inversion", "digits_teach_textual_inversion.yaml", "data.dataset", "embeddings", PLACEHOLDER),
+]
+STYLE = Teaching("style LoRA (thick strokes)", "digits_style_lora.yaml", "data.dataset", "lora", STYLE_TRIGGER)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------------------------
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, C, H, W] in [-1, 1] -> grayscale PIL images."""
+    array = ((images.mean(dim=1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return [Image.fromarray(a, mode="L") for a in array]
+
+
+def write_image_folder(folder: Path, images: torch.Tensor, captions: list[str] | None = None) -> Path:
+    """PNGs (and a metadata.jsonl of captions) in a new folder."""
+    folder.mkdir(parents=True, exist_ok=False)
+    lines = []
+    for i, image in enumerate(to_pil(images)):
+        name = f"{i:04d}.png"
+        image.save(folder / name)
+        if captions is not None:
+            lines.append(json.dumps({"file_name": name, "text": captions[i]}))
+    if captions is not None:
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def prepare_data(work: Path, num_instance: int, resolution: int, seed: int) -> dict[str, Path]:
+    """The held-out digit's instance images, and the style set (thick digits captioned with the trigger, plus as many
+    plain ones with plain captions, so the style binds to the trigger rather than to every prompt)."""
+    images, labels = load_digits_tensors(resolution, "test")
+    rng = np.random.default_rng(seed)
+    nines = images[labels == HELD_OUT]
+    chosen = nines[torch.from_numpy(rng.choice(len(nines), num_instance, replace=False))]
+    instance = write_image_folder(work / "instance", chosen, [f"a handwritten digit {TRIGGER}"] * num_instance)
+
+    train_images, train_labels = load_digits_tensors(resolution, "train")
+    keep = torch.from_numpy(rng.permutation(int((train_labels != HELD_OUT).sum())))
+    seen_images = train_images[train_labels != HELD_OUT][keep]
+    seen_labels = train_labels[train_labels != HELD_OUT][keep].tolist()
+    half = min(len(keep) // 2, 90)
+    style_images = torch.cat([thicken_strokes(seen_images[:half]), seen_images[half : 2 * half]])
+    style_captions = [f"{digit_prompt(d)} in {STYLE_TRIGGER} style" for d in seen_labels[:half]]
+    style_captions += [digit_prompt(d) for d in seen_labels[half : 2 * half]]
+    style = write_image_folder(work / "style", style_images, style_captions)
+    return {"instance": instance, "style": style}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the style classifier: thin (the digits as they are) vs thick strokes
+# --------------------------------------------------------------------------------------------------------------------
+class StrokeStyleClassifier(torch.nn.Module):
+    """A small CNN that tells thick-stroke digits from plain ones (16 px, any digit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 2),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float().mean(dim=1, keepdim=True)
+        if images.shape[-1] != 16:
+            images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        return self.net(images)
+
+    @torch.no_grad()
+    def thick_fraction(self, images: torch.Tensor) -> float:
+        return (self(images).argmax(dim=-1) == 1).float().mean().item()
+
+
+def train_style_classifier(seed: int = 0, steps: int = 300) -> tuple[StrokeStyleClassifier, float]:
+    """Trained on the digits train split (plain = 0, thick = 1), with small brightness and blur jitter so generated
+    images' softness is not read as style; returns the model and its accuracy on the held-out split."""
+    torch.manual_seed(seed)
+    train, _ = load_digits_tensors(16, "train")
+    test, _ = load_digits_tensors(16, "test")
+
+    def both(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([images, thicken_strokes(images)])
+        y = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
+        return x, y
+
+    x, y = both(train)
+    model = StrokeStyleClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (128,), generator=generator)
+        batch = x[idx]
+        blur = torch.rand(len(batch), 1, 1, 1, generator=generator) * 0.5
+        batch = (1 - blur) * batch + blur * F.avg_pool2d(batch, 3, stride=1, padding=1, count_include_pad=False)
+        batch = batch + 0.1 * torch.randn(batch.shape, generator=generator)
+        loss = F.cross_entropy(model(batch), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x_test, y_test = both(test)
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    return model, accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training and measuring
+# --------------------------------------------------------------------------------------------------------------------
+def run_recipe(recipe: Path, overrides: list[str], in_process: bool) -> float:
+    """Train with `python -m finetune` (a fresh process, as a user runs it) or in this process; wall seconds."""
+    started = time.perf_counter()
+    if in_process:
+        from finetune.config import load_config
+        from finetune.train import reset_accelerate_state, train
+
+        reset_accelerate_state()
+        train(load_config(recipe, overrides))
+    else:
+        command = [sys.executable, "-m", "finetune", str(recipe), *overrides]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+    return time.perf_counter() - started
+
+
+def build_miniature(base: Path, overrides: list[str], in_process: bool) -> dict[str, float]:
+    """Train the miniature model (autoencoder, then latent diffusion) into `base`; seconds per stage."""
+    vae = base.parent / f"{base.name}-autoencoder"
+    times = {"autoencoder_s": run_recipe(RECIPES / "digits_autoencoder.yaml", [f"train.output_dir={vae}"], in_process)}
+    times["text_to_image_s"] = run_recipe(
+        RECIPES / "digits_text_to_image.yaml",
+        [f"train.output_dir={base}", f"latent_diffusion.vae={vae}", *overrides],
+        in_process,
+    )
+    return times
+
+
+def load(base: Path, teaching: Teaching | None, output: Path | None):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.load import load_pipeline
+
+    if teaching is None:
+        return load_pipeline(base, device="cpu", dtype="float32")
+    if teaching.loads_as == "pipeline":
+        pipe = StableDiffusionPipeline.from_pretrained(output, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return load_pipeline(base, device="cpu", dtype="float32", **{teaching.loads_as: str(output)})
+
+
+def saved_bytes(output: Path, teaching: Teaching) -> int:
+    if teaching.loads_as == "pipeline":  # a full fine-tune saves a complete pipeline: count its weights
+        return sum(p.stat().st_size for p in output.rglob("*.safetensors") if "checkpoint-" not in str(p))
+    name = "pytorch_lora_weights.safetensors" if teaching.loads_as == "lora" else "learned_embeds.safetensors"
+    return (output / name).stat().st_size
+
+
+@dataclass
+class Sampling:
+    per_prompt: int
+    steps: int
+    guidance_scale: float
+    resolution: int
+    seed: int
+
+
+def digit_scores(pipe, classifier, new_prompt: str | None, sampling: Sampling) -> tuple[dict, torch.Tensor]:
+    """Fidelity of `new_prompt` (read as the held-out digit) and accuracy on the seen digits' prompts."""
+    seen = [d for d in range(10) if d != HELD_OUT]
+    prompts = [digit_prompt(d) for d in seen for _ in range(sampling.per_prompt)]
+    labels = torch.tensor([d for d in seen for _ in range(sampling.per_prompt)])
+    if new_prompt is not None:
+        prompts = [new_prompt] * sampling.per_prompt + prompts
+    images = generate_images(
+        pipe, prompts, sampling.seed, sampling.steps, sampling.guidance_scale, sampling.resolution
+    )
+    with torch.no_grad():
+        predictions = classifier.predict(images)
+    scores = {}
+    if new_prompt is not None:
+        scores["fidelity"] = (predictions[: sampling.per_prompt] == HELD_OUT).float().mean().item()
+        predictions = predictions[sampling.per_prompt :]
+    scores["prior_accuracy"] = (predictions == labels).float().mean().item()
+    return scores, images
+
+
+def style_scores(pipe, style_classifier, sampling: Sampling) -> dict:
+    seen = [d for d in range(10) if d != HELD_OUT]
+    plain = [digit_prompt(d) for d in seen for _ in range(sampling.per_prompt)]
+    styled = [f"{p} in {STYLE_TRIGGER} style" for p in plain]
+    args = (sampling.seed, sampling.steps, sampling.guidance_scale, sampling.resolution)
+    return {
+        "thick_with_trigger": style_classifier.thick_fraction(generate_images(pipe, styled, *args)),
+        "thick_without_trigger": style_classifier.thick_fraction(generate_images(pipe, plain, *args)),
+    }
+
+
+def grid(images: torch.Tensor, per_prompt: int, columns: int, path: Path) -> None:
+    from finetune.outputs import save_grid
+
+    rows = images.split(per_prompt)
+    cells = torch.cat([row[:columns] for row in rows])
+    save_grid(to_pil(cells), path)
+
+
+def run_benchmark(args: argparse.Namespace) -> str:
+    from finetune.digits_classifier import load_digits_classifier
+
+    base, work = Path(args.base), Path(args.work)
+    if work.exists():
+        if not args.overwrite:
+            raise SystemExit(f"{work} exists: pass --overwrite to replace it, or choose another --work")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    setup_times = {}
+    if not (base / "model_index.json").is_file():
+        logger.info("no miniature model at %s: training it (autoencoder, then latent diffusion)", base)
+        setup_times = build_miniature(base, args.base_overrides, args.in_process)
+    data = prepare_data(work, args.num_instance, args.resolution, args.seed)
+    sampling = Sampling(args.per_prompt, args.steps, args.guidance_scale, args.resolution, args.seed)
+    classifier = load_digits_classifier()
+    style_classifier, style_accuracy = train_style_classifier(args.seed)
+
+    rows = []
+    pipe = load(base, None, None)
+    scores, images = digit_scores(pipe, classifier, f"a handwritten digit {TRIGGER}", sampling)
+    before = scores["prior_accuracy"]
+    grid(images, sampling.per_prompt, args.grid_columns, work / "grid_base.png")
+    style = style_scores(pipe, style_classifier, sampling)
+    rows.append({"method": "miniature model, no fine-tuning", **scores, **style})
+    del pipe
+
+    for teaching in [t for t in TEACHINGS if args.methods is None or t.label in args.methods] + [STYLE]:
+        output = work / teaching.recipe.removesuffix(".yaml")
+        folder = data["style"] if teaching is STYLE else data["instance"]
+        overrides = [
+            f"model.pretrained_model_name_or_path={base}",
+            f"{teaching.data_key}={folder}",
+            f"train.output_dir={output}",
+            *teaching.extra,
+            *args.teach_overrides,
+        ]
+        seconds = run_recipe(RECIPES / teaching.recipe, overrides, args.in_process)
+        steps = _steps_from_log(output)
+        pipe = load(base, teaching, output)
+        row = {
+            "method": teaching.label,
+            "steps": steps,
+            "train_s": seconds,
+            "size_kb": saved_bytes(output, teaching) / 1024,
+        }
+        if teaching is STYLE:
+            row.update(style_scores(pipe, style_classifier, sampling))
+            row.update(digit_scores(pipe, classifier, None, sampling)[0])
+        else:
+            scores, images = digit_scores(pipe, classifier, teaching.prompt, sampling)
+            row.update(scores)
+            grid(images, sampling.per_prompt, args.grid_columns, work / f"grid_{output.name}.png")
+        row["prior_before"] = before
+        rows.append(row)
+        del pipe
+        logger.info("%s", row)
+
+    report = markdown(rows, setup_times, style_accuracy, args)
+    (work / "results.md").write_text(report)
+    (work / "results.json").write_text(json.dumps({"rows": rows, "setup_s": setup_times}, indent=2))
+    return report
+
+
+def _steps_from_log(output: Path) -> int | None:
+    log = output / "train_log.jsonl"
+    steps = [json.loads(line).get("step") for line in log.read_text().splitlines()] if log.is_file() else []
+    return max((s for s in steps if s is not None), default=None)
+
+
+def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: argparse.Namespace) -> str:
+    def pct(value):
+        return "" if value is None else f"{100 * value:.0f}%"
+
+    lines = [
+        f"Teaching the miniature model the held-out digit ({DIGIT_NAMES[HELD_OUT]}) from {args.num_instance} images; "
+        f"{args.per_prompt} images per prompt, {args.steps} DDIM steps, guidance {args.guidance_scale}.",
+        "",
+        "| method | steps | train time (s) | saved size (KiB) | fidelity: new token read as "
+        f"{HELD_OUT} | other digits correct (before → after) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "fidelity" not in row:
+            continue
+        before = row.get("prior_before")
+        prior = pct(row["prior_accuracy"]) if before is None else f"{pct(before)} → {pct(row['prior_accuracy'])}"
+        steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
+        lines.append(
+            f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
+            f"{'' if size is None else f'{size:,.0f}'} | {pct(row['fidelity'])} | {prior} |"
+        )
+    lines += [
+        "",
+        f"Style (thick strokes, trigger '{STYLE_TRIGGER} style'); style classifier accuracy on held-out digits "
+        f"{pct(style_accuracy)}.",
+        "",
+        "| model | steps | train time (s) | saved size (KiB) | thick, prompt with trigger | thick, prompt without | "
+        "digits correct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "thick_with_trigger" not in row:
+            continue
+        steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
+        lines.append(
+            f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
+            f"{'' if size is None else f'{size:,.0f}'} | {pct(row['thick_with_trigger'])} | "
+            f"{pct(row['thick_without_trigger'])} | {pct(row['prior_accuracy'])} |"
+        )
+    if setup_times:
+        lines += ["", "Miniature model trained first: " + ", ".join(f"{k} {v:.0f}" for k, v in setup_times.items())]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--base", default="outputs/digits-text-to-image", help="the miniature model (trained if absent)"
+    )
+    parser.add_argument("--work", default="outputs/bench-digits-finetune", help="folder of runs, table and grids")
+    parser.add_argument("--overwrite", action="store_true", help="replace --work if it exists")
+    parser.add_argument("--num-instance", type=int, default=5, help="images of the held-out digit to teach from")
+    parser.add_argument("--per-prompt", type=int, default=32, help="images generated per prompt")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid-columns", type=int, default=8)
+    parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method labels")
+    parser.add_argument("--teach-overrides", nargs="*", default=[], help="overrides for every teaching run")
+    parser.add_argument("--base-overrides", nargs="*", default=[], help="overrides when training the base model")
+    parser.add_argument("--in-process", action="store_true", help="train in this process (tests)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    started = time.perf_counter()
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    print(report)
+    print(f"benchmark wall time: {time.perf_counter() - started:.0f} s; results in {args.work}/results.md")
+
+
+if __name__ == "__main__":
+    main()
