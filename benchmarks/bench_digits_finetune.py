@@ -279,9 +279,9 @@ def style_scores(pipe, style_classifier, sampling: Sampling) -> dict:
 def grid(images: torch.Tensor, per_prompt: int, columns: int, path: Path) -> None:
     from finetune.outputs import save_grid
 
-    rows = images.split(per_prompt)
-    cells = torch.cat([row[:columns] for row in rows])
-    save_grid(to_pil(cells), path)
+    columns = min(columns, per_prompt)
+    cells = torch.cat([row[:columns] for row in images.split(per_prompt)])
+    save_grid(to_pil(cells), path, columns=columns)  # one row per prompt
 
 
 def run_benchmark(args: argparse.Namespace) -> str:
@@ -358,6 +358,9 @@ def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: a
     def pct(value):
         return "" if value is None else f"{100 * value:.0f}%"
 
+    def kib(value):
+        return "" if value is None else f"{value:,.1f}" if value < 10 else f"{value:,.0f}"
+
     lines = [
         f"Teaching the miniature model the held-out digit ({DIGIT_NAMES[HELD_OUT]}) from {args.num_instance} images; "
         f"{args.per_prompt} images per prompt, {args.steps} DDIM steps, guidance {args.guidance_scale}.",
@@ -374,7 +377,7 @@ def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: a
         steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
         lines.append(
             f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
-            f"{'' if size is None else f'{size:,.0f}'} | {pct(row['fidelity'])} | {prior} |"
+            f"{kib(size)} | {pct(row['fidelity'])} | {prior} |"
         )
     lines += [
         "",
@@ -391,7 +394,7 @@ def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: a
         steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
         lines.append(
             f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
-            f"{'' if size is None else f'{size:,.0f}'} | {pct(row['thick_with_trigger'])} | "
+            f"{kib(size)} | {pct(row['thick_with_trigger'])} | "
             f"{pct(row['thick_without_trigger'])} | {pct(row['prior_accuracy'])} |"
         )
     if setup_times:

@@ -31,13 +31,13 @@ def image_grid(images: list[Image.Image], columns: int | None = None, gap: int =
     return grid
 
 
-def save_grid(images: list[Image.Image], path: Path, min_cell: int = 64) -> Path:
+def save_grid(images: list[Image.Image], path: Path, min_cell: int = 64, columns: int | None = None) -> Path:
     """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if images[0].width < min_cell:
         factor = math.ceil(min_cell / images[0].width)
         images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
-    grid = image_grid(images)
+    grid = image_grid(images, columns)
     grid.save(path)
     return path
 
