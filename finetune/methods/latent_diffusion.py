@@ -316,20 +316,10 @@ class LatentDiffusion(TextToImageMethod):
         return {key: scores[key] for key in ("class_accuracy", "fd", "kid_mean", "confident_fraction")}
 
     def save(self, output_dir: Path) -> None:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae.float(),
-            text_encoder=self.unwrap(self.text_encoder).float(),
-            tokenizer=self.tokenizer,
-            unet=self.unwrap(self.unet),
-            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(output_dir, safe_serialization=True)
+        # the validation pipeline is the model itself (DDIM sampling), with frozen parts back in fp32
+        self.vae.float()
+        self.unwrap(self.text_encoder).float()
+        self.pipeline().save_pretrained(output_dir, safe_serialization=True)
 
     def card(self) -> dict[str, Any]:
         resolution = self.config.data.resolution
