@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(ACCELERATE) -m finetune finetune/recipes/digits_unconditional.yaml
 
-# the miniature text-to-image model (autoencoder, then latent diffusion with the nines held out), ~15 min on 2 cores
+# the miniature text-to-image model (autoencoder, then latent diffusion with the nines held out), ~12 min on 2 cores
 miniature: $(STAMP)
 	test -f outputs/digits-autoencoder/config.json || \
 		$(ACCELERATE) -m finetune finetune/recipes/digits_autoencoder.yaml
