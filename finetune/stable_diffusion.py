@@ -7,6 +7,7 @@ and captions come from (`build_source`, `caption_for`) and what it saves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -99,6 +100,19 @@ def load_components(config: Config, pipeline_name: str = "StableDiffusionPipelin
     if config.diffusion.prediction_type is not None:
         parts["noise_scheduler"].register_to_config(prediction_type=config.diffusion.prediction_type)
     return SimpleNamespace(**parts)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Dropout and LoRA dropout off while sampling; each module's own mode comes back afterwards."""
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
 
 
 class LatentCache:
@@ -392,11 +406,7 @@ class TextToImageMethod(DenoisingMethod):
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
         prompts = self.validation_prompts()
-        modules = [self.unwrap(self.unet), self.unwrap(self.text_encoder)]
-        modes = [m.training for m in modules]
-        for module in modules:
-            module.eval()  # LoRA / attention dropout off while sampling; the modes are restored below
-        try:
+        with eval_mode(self.unwrap(self.unet), self.unwrap(self.text_encoder)):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(seed)
@@ -410,6 +420,3 @@ class TextToImageMethod(DenoisingMethod):
                     width=self.config.data.resolution,
                     **self.sampling_inputs(num_images),
                 ).images
-        finally:
-            for module, mode in zip(modules, modes):
-                module.train(mode)

@@ -30,7 +30,6 @@ reproduces identically because the examples are drawn from the seeded data order
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,7 +53,7 @@ from finetune.data import (
     load_records,
 )
 from finetune.methods.lora import lora_card
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -176,18 +175,6 @@ def record_path(source: Any) -> str | None:
     if isinstance(source, dict):
         return source.get("path")
     return str(source) if isinstance(source, (str, os.PathLike)) else None
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module):
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
 
 
 class PriorPreservationExamples(torch.utils.data.Dataset):

@@ -15,6 +15,7 @@ whole classes out of training: the miniature model of `finetune/recipes/digits_t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from finetune.config import Config, ConfigError, option
 from finetune.data import build_image_source
 from finetune.digits import DIGIT_NAMES
 from finetune.methods.autoencoder import load_autoencoder
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,11 @@ class LatentDiffusion(TextToImageMethod):
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
         )
 
+    def cache_fingerprint(self) -> str:
+        # the latents come from this run's autoencoder, not from a base model: a disk cache must name it
+        key = [super().cache_fingerprint(), str(Path(self.options.vae).resolve()), self.options.max_text_length]
+        return hashlib.sha256(repr(key).encode()).hexdigest()
+
     def configure_trainable(self) -> None:
         self.unet.requires_grad_(True)
         self.unet.train()
@@ -294,11 +300,7 @@ class LatentDiffusion(TextToImageMethod):
         if getattr(self, "_evaluator", None) is None:
             self._evaluator = DigitsEvaluator(resolution=self.config.data.resolution)
         labels = [self.trained_digits[i % len(self.trained_digits)] for i in range(num_images)]
-        modules = [self.unwrap(self.unet), self.unwrap(self.text_encoder)]
-        modes = [m.training for m in modules]
-        for module in modules:
-            module.eval()
-        try:
+        with eval_mode(self.unwrap(self.unet), self.unwrap(self.text_encoder)):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             images = generate_images(
@@ -309,9 +311,6 @@ class LatentDiffusion(TextToImageMethod):
                 self.options.validation_guidance_scale,
                 self.config.data.resolution,
             )
-        finally:
-            for module, mode in zip(modules, modes):
-                module.train(mode)
         scores = self._evaluator.score(images, labels)
         return {key: scores[key] for key in ("class_accuracy", "fd", "kid_mean", "confident_fraction")}
 
