@@ -8,6 +8,7 @@ google/ddpm-celebahq-256 shape (~114M parameters, random init, no download) at b
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from benchmarks.common import REPO, measure_training, print_table
+if __package__ in (None, ""):  # run as a script: `python benchmarks/bench_ddpm.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, measure_training, print_table  # noqa: E402
 
 
 def main() -> None:

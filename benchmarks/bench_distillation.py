@@ -3,7 +3,7 @@ the distilled students with 8/4/2/1 steps, in one table with Fréchet distance a
 features (`finetune.evaluate.DigitsEvaluator`, next to its real-vs-real baseline) and sampling time per 1000 images.
 
     make demo                                            # the teacher: outputs/digits-unconditional
-    .venv/bin/python benchmarks/bench_distillation.py    # distil 16 -> 8 -> 4 -> 2 -> 1, then score everything
+    .venv/bin/python benchmarks/bench_distillation.py    # distil 32 -> 16 -> 8 -> 4 -> 2 -> 1, then score everything
     .venv/bin/python benchmarks/bench_distillation.py --students outputs/digits-distillation   # score a finished run
     .venv/bin/python benchmarks/bench_distillation.py --teacher-steps 50,16,8,4 optim.lr=5e-4   # recipe overrides
 

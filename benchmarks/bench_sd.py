@@ -4,8 +4,8 @@ Tiny pipeline at 64 px (the one the tests build; same shape as the reference fig
 scripts in FIELD_NOTES.md), and optionally the Stable Diffusion 1.5 architecture at 512 px with random weights
 (no download), meant for a GPU.
 
-    .venv/bin/python benchmarks/bench_sd.py                 # tiny, CPU
-    .venv/bin/python benchmarks/bench_sd.py --sd15 --methods lora --mixed-precision bf16   # on a GPU
+    .venv/bin/python -m benchmarks.bench_sd                 # tiny, CPU
+    .venv/bin/python -m benchmarks.bench_sd --sd15 --methods lora --mixed-precision bf16   # on a GPU
 """
 
 from __future__ import annotations
