@@ -7,7 +7,6 @@ and captions come from (`build_source`, `caption_for`) and what it saves.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from finetune import diffusion
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
-from finetune.methods.base import DenoisingMethod
+from finetune.methods.base import DenoisingMethod, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +99,6 @@ def load_components(config: Config, pipeline_name: str = "StableDiffusionPipelin
     if config.diffusion.prediction_type is not None:
         parts["noise_scheduler"].register_to_config(prediction_type=config.diffusion.prediction_type)
     return SimpleNamespace(**parts)
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module):
-    """Dropout and LoRA dropout off while sampling; each module's own mode comes back afterwards."""
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
 
 
 class LatentCache:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from finetune import diffusion
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
-from finetune.methods.base import Method
+from finetune.methods.base import Method, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +192,10 @@ class Autoencoder(Method):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        was_training = vae.training
-        vae.eval()
-        try:
+        with eval_mode(vae):
             outputs = [
                 vae.decode(vae.encode(b.to(self.device)).latent_dist.mode()).sample.cpu() for b in images.split(64)
             ]
-        finally:
-            vae.train(was_training)
         return torch.cat(outputs).clamp(-1, 1)
 
     def sample(self, num_images: int, seed: int) -> list:
@@ -219,13 +215,9 @@ class Autoencoder(Method):
     @torch.no_grad()
     def latent_std(self) -> float:
         vae = self.vae
-        was_training = vae.training
-        vae.eval()
-        try:
+        with eval_mode(vae):
             images = self.reference_images(self.options.scaling_samples)
             latents = [vae.encode(b.to(self.device)).latent_dist.sample() for b in images.split(64)]
-        finally:
-            vae.train(was_training)
         return torch.cat(latents).float().std().item()
 
     def save(self, output_dir: Path) -> None:

@@ -7,6 +7,7 @@ a batch is encoded (pixels or latents), how the model is called, and what it sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,19 @@ from accelerate import Accelerator
 
 from finetune import diffusion
 from finetune.config import Config
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Dropout and LoRA dropout off while sampling; each module's own mode comes back afterwards."""
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
 
 
 @dataclass

@@ -52,8 +52,9 @@ from finetune.data import (
     find_unreadable_images,
     load_records,
 )
+from finetune.methods.base import eval_mode
 from finetune.methods.lora import lora_card
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions, eval_mode
+from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from finetune.config import Config, ConfigError, option
 from finetune.data import build_image_source
 from finetune.digits import DIGIT_NAMES
 from finetune.methods.autoencoder import load_autoencoder
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions, eval_mode
+from finetune.methods.base import eval_mode
+from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 
