@@ -56,6 +56,20 @@ def tiny_ddpm_recipe(output_dir: Path, method: str = "unconditional", **sections
     return recipe
 
 
+def sd_image(pipe, prompt: str, steps: int = 2, size: int = 64):
+    """One seeded image (numpy) from a text-to-image pipeline: the same call before and after a change to compare."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        generator=torch.manual_seed(0),
+        height=size,
+        width=size,
+        output_type="np",
+    ).images
+
+
 def safetensors_in(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of all safetensors files under a folder, keyed by relative path and name."""
     tensors = {}

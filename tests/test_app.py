@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipelines import steps as S
 from pipelines.load import load_pipeline
-from tests.tiny_models import make_tiny_ddpm_pipeline
+from tests.tiny_models import make_tiny_ddpm_pipeline, make_tiny_unet2d
 
 CHROMIUM = "/usr/bin/chromium"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -85,22 +85,11 @@ def tiny_ddpm_dir(tmp_path_factory) -> Path:
 
 
 def make_class_conditional(folder: Path, num_classes: int = 3) -> Path:
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from pipelines.class_conditional import ClassConditionalDDPMPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_classes + 1,  # + the "no class" label of label dropout
-    )
+    unet = make_tiny_unet2d(resolution=8, num_class_embeds=num_classes + 1)  # + the "no class" label
     pipe = ClassConditionalDDPMPipeline(unet=unet, scheduler=DDIMScheduler(), num_classes=num_classes)
     pipe.save_pretrained(folder)
     (folder / "README.md").write_text("pipe(class_labels=[0], guidance_scale=2.0, num_inference_steps=12)\n")

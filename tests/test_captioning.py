@@ -69,8 +69,17 @@ GOOD_IMAGES = [f"image_00{index}.png" for index in range(5)] + [f"sub folder/ima
 
 def test_captions_folder_into_imagefolder_dataset(tmp_path, image_dir, tiny_blip_dir, capsys):
     exit_code = main(
-        [str(image_dir), "--model", str(tiny_blip_dir), "--batch-size", "3", "--write-txt",
-         "--caption-prefix", "sks toy,", *FAST_CLI_ARGS]
+        [
+            str(image_dir),
+            "--model",
+            str(tiny_blip_dir),
+            "--batch-size",
+            "3",
+            "--write-txt",
+            "--caption-prefix",
+            "sks toy,",
+            *FAST_CLI_ARGS,
+        ]
     )
     assert exit_code == 0
     output = capsys.readouterr().out
@@ -161,8 +170,17 @@ def test_resumes_after_kill_without_repeating_or_losing_captions(image_dir, tiny
         sys.exit(main(sys.argv[1:]))
         """
     )
-    command = [sys.executable, "-c", script, str(image_dir), "--model", str(tiny_blip_dir), "--batch-size", "2",
-               *FAST_CLI_ARGS]
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        str(image_dir),
+        "--model",
+        str(tiny_blip_dir),
+        "--batch-size",
+        "2",
+        *FAST_CLI_ARGS,
+    ]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
@@ -218,8 +236,12 @@ def test_prompt_prefix_and_sampling(tmp_path, tiny_blip_dir):
     make_test_images(folder, 4)
     sampling = GenerationSettings(decoding="sample", top_p=0.9, min_new_tokens=3, max_new_tokens=6)
     options = CaptionOptions(
-        model=str(tiny_blip_dir), generation=sampling, prompt="a photograph of", caption_suffix="by sks",
-        show_progress=False, seed=7,
+        model=str(tiny_blip_dir),
+        generation=sampling,
+        prompt="a photograph of",
+        caption_suffix="by sks",
+        show_progress=False,
+        seed=7,
     )
     caption_folder(folder, options)
     first = captions_by_file(folder)
@@ -265,8 +287,17 @@ def test_push_to_hub_uploads_the_captioned_dataset(tmp_path, image_dir, tiny_bli
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     secret = "hf_thisIsNotARealTokenButMustNeverBePrinted"
     exit_code = main(
-        [str(image_dir), "--model", str(tiny_blip_dir), *FAST_CLI_ARGS,
-         "--push-to-hub", "someone/captioned-toys", "--private", "--hub-token", secret]
+        [
+            str(image_dir),
+            "--model",
+            str(tiny_blip_dir),
+            *FAST_CLI_ARGS,
+            "--push-to-hub",
+            "someone/captioned-toys",
+            "--private",
+            "--hub-token",
+            secret,
+        ]
     )
     assert exit_code == 0
     assert len(pushed) == 1
@@ -303,9 +334,27 @@ def _free_port() -> int:
 def test_two_processes_caption_each_image_once(image_dir, tiny_blip_dir):
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "captioning", str(image_dir), "--model", str(tiny_blip_dir), "--batch-size", "2", *FAST_CLI_ARGS,
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "captioning",
+        str(image_dir),
+        "--model",
+        str(tiny_blip_dir),
+        "--batch-size",
+        "2",
+        *FAST_CLI_ARGS,
     ]
     # ACCELERATE_USE_CPU turns --multi_gpu into two gloo processes on the CPU.
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

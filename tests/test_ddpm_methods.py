@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipelines.class_conditional import ClassConditionalDDPMPipeline
 from tests.helpers import run_training, tiny_ddpm_recipe
+from tests.tiny_models import make_tiny_unet2d
 
 
 def logged_losses(output_dir):
@@ -56,17 +57,7 @@ def test_saved_weights_are_the_ema_weights(tmp_path):
 
 def test_ddpm_finetune_starts_from_the_pretrained_model(tmp_path):
     base = tmp_path / "base"
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-    )
+    unet = make_tiny_unet2d(resolution=8)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(base)
     recipe = tiny_ddpm_recipe(
         tmp_path / "run",
@@ -86,16 +77,7 @@ def test_ddpm_finetune_starts_from_the_pretrained_model(tmp_path):
 
 def test_ddpm_finetune_refuses_pickle_weights_unless_allowed(tmp_path):
     base = tmp_path / "base"
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-    )
+    unet = make_tiny_unet2d(resolution=8)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(base, safe_serialization=False)
     recipe = tiny_ddpm_recipe(
         tmp_path / "run", method="ddpm_finetune", model={"pretrained_model_name_or_path": str(base)}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from finetune.config import ConfigError, load_config
 from finetune.data import collate_examples
 from finetune.methods.dreambooth import DreamBooth, missing_class_indices
-from tests.helpers import reset_accelerate, run_training
+from tests.helpers import reset_accelerate, run_training, sd_image
 from tests.tiny_models import make_test_images
 
 PROMPT = "a photo of sks toy"
@@ -61,16 +61,7 @@ def prior(class_dir, num_class_images=3, **options):
 
 
 def generate(pipe, prompt=PROMPT):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=torch.manual_seed(0),
-        height=64,
-        width=64,
-        output_type="np",
-    ).images
+    return sd_image(pipe, prompt)
 
 
 def set_up(config) -> DreamBooth:

@@ -18,6 +18,7 @@ from PIL import Image
 from finetune import digits_classifier as dc
 from finetune import evaluate as ev
 from finetune.digits import load_digits_tensors
+from tests.tiny_models import make_tiny_unet2d
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +149,9 @@ def test_non_finite_samples_give_nan_instead_of_crashing(evaluator):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline_folder(tmp_path_factory):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = make_tiny_unet2d(resolution=16)
     folder = tmp_path_factory.mktemp("tiny_ddpm")
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
     return folder
@@ -227,20 +218,9 @@ def test_class_conditional_pipelines_get_labels_and_are_judged_on_them(evaluator
 
 def test_saved_class_conditional_pipeline_is_found_in_the_pipelines_package(classifier, tmp_path):
     class_conditional = pytest.importorskip("pipelines.class_conditional")
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=10,
-    )
+    unet = make_tiny_unet2d(resolution=8, num_class_embeds=10)
     class_conditional.ClassConditionalDDPMPipeline(
         unet=unet, scheduler=DDIMScheduler(), num_classes=10
     ).save_pretrained(tmp_path)

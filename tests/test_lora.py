@@ -21,6 +21,7 @@ from tests.helpers import (
     reset_accelerate,
     run_training,
     safetensors_in,
+    sd_image,
     subprocess_env,
     wait_for,
 )
@@ -66,15 +67,7 @@ def lora_recipe(base, data, output_dir, **lora):
 
 
 def generate(pipe, prompt="a toy picture 1"):
-    return pipe(
-        prompt,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        generator=torch.manual_seed(0),
-        height=64,
-        width=64,
-        output_type="np",
-    ).images
+    return sd_image(pipe, prompt, steps=3)
 
 
 def test_lora_trains_loads_changes_the_output_and_unloads(tiny_sd, captioned_folder, tmp_path):

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from pipelines.generate import main, parse_lora
 from pipelines.load import load_pipeline
-from tests.tiny_models import make_test_images, make_tiny_ddpm_pipeline, make_tiny_sd_pipeline
+from tests.helpers import sd_image
+from tests.tiny_models import make_test_images, make_tiny_ddpm_pipeline, make_tiny_sd_pipeline, make_tiny_unet2d
 
 PROMPT = "a toy picture"
 
@@ -56,15 +57,7 @@ def loras(tiny_sd_dir, tmp_path_factory):
 
 def image_of(pipe, prompt=PROMPT):
     # 32 px (16 px latents): a quarter of the tiny model's native 64 px compute
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=torch.manual_seed(0),
-        height=32,
-        width=32,
-        output_type="np",
-    ).images
+    return sd_image(pipe, prompt, size=32)
 
 
 def test_several_loras_with_their_own_scales(tiny_sd_dir, loras):
@@ -184,22 +177,11 @@ def test_inpainting_generate(tmp_path, capsys):
 
 
 def test_class_conditional_and_ddpm_folders(tmp_path, capsys):
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from pipelines.class_conditional import ClassConditionalDDPMPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=4,  # 3 classes + the "no class" label of label dropout
-    )
+    unet = make_tiny_unet2d(resolution=8, num_class_embeds=4)  # 3 classes + the "no class" label
     folder = tmp_path / "class-conditional"
     ClassConditionalDDPMPipeline(unet=unet, scheduler=DDIMScheduler(), num_classes=3).save_pretrained(folder)
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError, load_config
-from tests.helpers import reset_accelerate, run_training
+from tests.helpers import reset_accelerate, run_training, sd_image
 from tests.tiny_models import make_test_images
 
 TOKEN = "<toy-cat>"
@@ -49,15 +49,7 @@ def ti_recipe(base, data, output_dir, **options):
 
 
 def generate(pipe, prompt=PROMPT):
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=torch.manual_seed(0),
-        height=64,
-        width=64,
-        output_type="np",
-    ).images
+    return sd_image(pipe, prompt)
 
 
 def test_only_new_rows_train_and_the_embedding_loads_into_a_plain_pipeline(

@@ -119,15 +119,15 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
     return out_dir
 
 
-def make_tiny_ddpm_pipeline(out_dir: str | Path, *, resolution: int = 16, channels: int = 1, seed: int = 0) -> Path:
-    """Save a tiny pixel-space ``DDPMPipeline`` (UNet2DModel (16, 32) channels, no attention) to ``out_dir``."""
+def make_tiny_unet2d(resolution: int = 8, channels: int = 1, num_class_embeds: int | None = None, seed: int = 0):
+    """A tiny pixel-space UNet2DModel ((16, 32) channels, no attention), optionally with class embeddings; built from
+    its own seed without touching the global RNG."""
     import torch
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
-    out_dir = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DModel(
+        return UNet2DModel(
             sample_size=resolution,
             in_channels=channels,
             out_channels=channels,
@@ -136,7 +136,16 @@ def make_tiny_ddpm_pipeline(out_dir: str | Path, *, resolution: int = 16, channe
             norm_num_groups=8,
             down_block_types=("DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D"),
+            num_class_embeds=num_class_embeds,
         )
+
+
+def make_tiny_ddpm_pipeline(out_dir: str | Path, *, resolution: int = 16, channels: int = 1, seed: int = 0) -> Path:
+    """Save a tiny pixel-space ``DDPMPipeline`` (UNet2DModel (16, 32) channels, no attention) to ``out_dir``."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    out_dir = Path(out_dir)
+    unet = make_tiny_unet2d(resolution, channels, seed=seed)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
         out_dir, safe_serialization=True
     )
