@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from pipelines.generate import parse_lora  # 'PATH' or 'PATH:SCALE', as the generate command takes it
 from pipelines.steps import (
     StepRecord,
     fit_image,
@@ -70,17 +71,6 @@ VIEW_CHOICES = [("noisy sample x_t", "sample"), ("predicted clean image x0", "x0
 # ---------------------------------------------------------------------------------------------------------------------
 # the served model
 # ---------------------------------------------------------------------------------------------------------------------
-def parse_lora(spec: str) -> tuple[str, float]:
-    """'PATH' -> (PATH, 1.0); 'PATH:0.7' -> (PATH, 0.7) (as `python -m pipelines.generate --lora`)."""
-    path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def _lines(text: str | Sequence[str] | None) -> list[str]:
     if text is None:
         return []

@@ -93,6 +93,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def two_cpu_processes_launch(port: int | None = None) -> list[str]:
+    """`accelerate launch` of two synchronised processes; with ACCELERATE_USE_CPU=1 in the environment they are two
+    gloo processes on the CPU (the form FIELD_NOTES.md found to really start two)."""
+    return [
+        PYTHON, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port or free_port()),
+    ]  # fmt: skip
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     env.pop("CUDA_VISIBLE_DEVICES", None)

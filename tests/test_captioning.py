@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from captioning.caption import (
     caption_folder,
     load_image,
 )
+from tests.helpers import two_cpu_processes_launch
 from tests.tiny_models import make_test_images
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -324,29 +324,10 @@ def test_push_to_hub_uploads_the_captioned_dataset(tmp_path, image_dir, tiny_bli
     assert "--push-to-hub" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_caption_each_image_once(image_dir, tiny_blip_dir):
-    accelerate = Path(sys.executable).with_name("accelerate")
     command = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+        *two_cpu_processes_launch(),
         "-m",
         "captioning",
         str(image_dir),

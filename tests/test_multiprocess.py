@@ -21,6 +21,7 @@ from tests.helpers import (
     safetensors_in,
     subprocess_env,
     tiny_ddpm_recipe,
+    two_cpu_processes_launch,
     wait_for,
 )
 from tests.tiny_models import make_test_images, make_tiny_sd_pipeline
@@ -30,24 +31,7 @@ ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
 
 
 def two_process_command(recipe_path, *overrides, port=None):
-    return [
-        *ACCELERATE,
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port or free_port()),
-        "-m",
-        "finetune",
-        str(recipe_path),
-        *overrides,
-    ]
+    return [*two_cpu_processes_launch(port), "-m", "finetune", str(recipe_path), *overrides]
 
 
 def env():
