@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from finetune import diffusion
 from finetune.config import ConfigError, load_config
 from finetune.methods.distillation import student_grid, student_scheduler
-from tests.helpers import assert_same_tensors, run_training, safetensors_in, tiny_ddpm_recipe
+from tests.helpers import assert_same_tensors, reset_accelerate, run_training, safetensors_in, tiny_ddpm_recipe
 from tests.tiny_models import make_tiny_ddpm_pipeline
 
 COSINE = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config)
@@ -172,6 +172,46 @@ def test_resume_equals_uninterrupted_run(tmp_path, teacher, straight_run, resume
         assert_same_tensors(safetensors_in(resumed / folder), safetensors_in(straight_run / folder), atol=0)
 
 
+@pytest.mark.parametrize("clip_snr", [None, 0.1])
+def test_the_first_teacher_steps_as_its_own_ddim_sampler(tmp_path, teacher, clip_snr):
+    """The original (epsilon, clip_sample) teacher's two steps are two steps of its own DDIMScheduler on the 2N grid,
+    x0 clipped at every step, or with teacher_clip_snr only at the steps whose SNR is below it."""
+    from accelerate import Accelerator
+
+    from finetune.methods import get_method_class
+
+    reset_accelerate()
+    recipe = distillation_recipe(tmp_path, teacher)
+    recipe["distillation"].update(teacher_clip_snr=clip_snr)  # 4 -> 2 -> 1: the first teacher steps the 4-step grid
+    method = get_method_class("distillation")(load_config(recipe), Accelerator(cpu=True))
+    method.setup()
+    pipe = DDPMPipeline.from_pretrained(teacher)
+    assert pipe.scheduler.config.clip_sample and pipe.scheduler.config.prediction_type == "epsilon"
+    schedulers = {}
+    for clip in (True, False):
+        schedulers[clip] = student_scheduler(dict(pipe.scheduler.config), 4, "epsilon", clip_sample=clip)
+        schedulers[clip].set_timesteps(4)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    clipped_steps = 0
+    for t in student_grid(1000, 2):  # 499 and 999; the teacher steps t -> t - 250 -> t - 500
+        expected = z
+        for start in (t, t - 250):
+            alpha, sigma = alphas_sigmas(schedulers[True], start.view(1))
+            clip = clip_snr is None or (alpha / sigma).item() ** 2 < clip_snr
+            clipped_steps += clip
+            with torch.no_grad():
+                expected = schedulers[clip].step(pipe.unet(expected, start).sample, start, expected).prev_sample
+        stepped = method.teacher_two_steps(z, t.repeat(2)).float()
+        torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
+    # with SNR < 0.1 (the tiny teacher's linear schedule) the steps from t = 999, 749 and 499 clip, from 249 not
+    assert clipped_steps == 4 if clip_snr is None else 0 < clipped_steps < 4
+    # and the clipping matters here: stepping unclipped everywhere lands elsewhere
+    with torch.no_grad():
+        unclipped = schedulers[False].step(pipe.unet(z, 999).sample, 999, z).prev_sample
+        clipped = schedulers[True].step(pipe.unet(z, 999).sample, 999, z).prev_sample
+    assert not torch.allclose(unclipped, clipped, atol=1e-3)
+
+
 def test_data_free_students_train_from_the_teachers_own_samples(tmp_path, teacher):
     recipe = distillation_recipe(tmp_path, teacher, train={"max_train_steps": 2})
     recipe["distillation"].update(student_data="noise", initial_steps=8, final_steps=4, prediction_type="sample")
@@ -191,6 +231,7 @@ def test_data_free_students_train_from_the_teachers_own_samples(tmp_path, teache
         (["diffusion.prediction_type=epsilon"], "diffusion.prediction_type must stay null"),
         (["optim.lr_num_cycles=3"], "optim.lr_num_cycles=2"),
         (["distillation.prediction_type=epsilon"], "is not one of ['v_prediction', 'sample']"),
+        (["distillation.teacher_clip_snr=0"], "teacher_clip_snr must be > 0"),
     ],
 )
 def test_bad_settings_are_rejected_before_anything_loads(tmp_path, overrides, message):

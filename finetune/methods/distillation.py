@@ -26,10 +26,14 @@ t' = t - T // (2N), on the previous student's grid whenever T // N = 2 * (T // 2
 T = 1000; 16 -> 8 puts a distilled 16-step teacher up to 8 timesteps off its grid, so start at 16 with the original
 model, which knows every timestep).
 
-The original teacher steps exactly as its own DDIMScheduler would: x0 clipped to [-1, 1] when its scheduler config
-says clip_sample (an epsilon teacher needs it at the top of a cosine schedule, where alpha_t ~ 5e-5 turns any error in
-eps into a huge x0), with the raw eps (diffusers' use_clipped_model_output=False). Distilled teachers never clip: their
-targets x~ are not images and their pipelines do not clip either.
+The original teacher steps as its own DDIMScheduler would: x0 clipped to [-1, 1] when its scheduler config says
+clip_sample (an epsilon teacher needs it at the top of a cosine schedule, where alpha_t ~ 5e-5 turns any error in eps
+into a huge x0), with the raw eps (diffusers' use_clipped_model_output=False). `teacher_clip_snr` limits the clipping
+to high noise: at low noise the clamp bends the teacher's step at every pixel that sits at the data's bound (half of
+a digit image is background at -1), and no smooth student can copy that kink. Measured on the digits (32 -> 16, 500
+iterations): clipping everywhere leaves a loss of 0.085 and a 16-step student at FD 1.22 (1,500 iterations: 1.21);
+clipping where SNR < 0.1 gives 0.048 and FD 0.76; the teacher's own 32-step sampler improves too (0.67 -> 0.62).
+Distilled teachers never clip: their targets x~ are not images and their pipelines do not clip either.
 
 Student data. `student_data: data` noises training images by q(z_t | x) (Algorithm 2). `student_data: noise` is
 data-free: z_t is where the teacher's own deterministic sampler puts pure noise at t (the states the student meets when
@@ -87,6 +91,14 @@ class DistillationOptions:
         "What the student sees at t: training images noised by q(z_t|x) ('data'), or where the teacher's DDIM sampler "
         "takes pure noise ('noise': data-free; the dataset only supplies example seeds).",
     )
+    teacher_clip_snr: float | None = option(
+        None,
+        "When the original teacher's scheduler clips x0 (clip_sample), clip it only at timesteps whose SNR "
+        "alpha^2 / sigma^2 is below this, e.g. 0.1 (t > ~800 of a cosine schedule), where an epsilon model's "
+        "x0 = (z - sigma eps) / alpha amplifies its errors. Clipping at low noise bends the teacher's steps at every "
+        "pixel that lies at the data's bound (the digits' background), a kink the student cannot learn. "
+        "None: clip at every timestep, as the teacher's own DDIM sampler does.",
+    )
 
     def __post_init__(self):
         if self.final_steps < 1:
@@ -99,6 +111,8 @@ class DistillationOptions:
             )
         if self.iterations_per_halving is not None and self.iterations_per_halving < 1:
             raise ConfigError(f"distillation.iterations_per_halving must be >= 1, got {self.iterations_per_halving}")
+        if self.teacher_clip_snr is not None and self.teacher_clip_snr <= 0:
+            raise ConfigError(f"distillation.teacher_clip_snr must be > 0 (or null), got {self.teacher_clip_snr}")
 
     @property
     def halvings(self) -> int:
@@ -333,7 +347,12 @@ class ProgressiveDistillation(DDPMFinetune):
                 output, z, alpha, sigma, self.teacher_prediction_type
             )
             if self.teacher_clip_range is not None:
-                clean = clean.clamp(-self.teacher_clip_range, self.teacher_clip_range)
+                clipped = clean.clamp(-self.teacher_clip_range, self.teacher_clip_range)
+                if self.options.teacher_clip_snr is None:
+                    clean = clipped
+                else:  # clip at high noise only
+                    high_noise = (alpha / sigma) ** 2 < self.options.teacher_clip_snr  # [B]
+                    clean = torch.where(high_noise.view(-1, *[1] * (clean.ndim - 1)), clipped, clean)
             z = diffusion.ddim_step(clean, noise, *self.alphas_sigmas(stop))
         return z
 
