@@ -197,6 +197,7 @@ class ImageRecords(torch.utils.data.Dataset):
         self.column_values = {c: records[c] for c in self.columns}
         self.indices = list(range(len(records)))
         self.skipped: list[tuple[int, str, str]] = []
+        self.decode_pixels = True  # False once a latent cache holds every image: get() then returns no pixels
         if config.verify_images:
             self.skipped = find_unreadable_images(self.image_sources)
             bad = {index for index, _, _ in self.skipped}
@@ -218,15 +219,18 @@ class ImageRecords(torch.utils.data.Dataset):
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
-        pixels, flipped = image_to_tensor(
-            open_image(self.image_sources[row]),
-            self.config.resolution,
-            self.channels,
-            rng,
-            self.config.center_crop,
-            self.config.random_flip,
-        )
-        example = {"pixel_values": pixels, "flipped": flipped, "row": row}
+        if self.decode_pixels:
+            pixels, flipped = image_to_tensor(
+                open_image(self.image_sources[row]),
+                self.config.resolution,
+                self.channels,
+                rng,
+                self.config.center_crop,
+                self.config.random_flip,
+            )
+            example = {"pixel_values": pixels, "flipped": flipped, "row": row}
+        else:  # cached latents (center crops only): the same draws as image_to_tensor, no image work
+            example = {"flipped": bool(self.config.random_flip and rng.random() < 0.5), "row": row}
         example.update({c: self.column_values[c][row] for c in self.columns})
         return example
 

@@ -155,6 +155,8 @@ class TextToImageMethod(DenoisingMethod):
             )
 
     # -- what a method decides ---------------------------------------------------------------------------------------
+    needs_pixels_with_cache = False  # True when the loss uses the images themselves even with cached latents
+
     def build_source(self):
         """Images with a caption column (the LoRA / fine-tuning data)."""
         return build_image_source(self.config.data, columns=[self.config.data.caption_column])
@@ -254,6 +256,9 @@ class TextToImageMethod(DenoisingMethod):
                     cache.save(path, fingerprint)
         self.cache = cache
         logger.info("cached %d latents and %d text embeddings", len(cache.moments), len(cache.text))
+        source = self.train_dataset.source
+        if not self.needs_pixels_with_cache and hasattr(source, "decode_pixels"):
+            source.decode_pixels = False  # the latents come from the cache: stop decoding and resizing every step
 
     def cache_fingerprint(self) -> str:
         data = self.config.data

@@ -158,6 +158,8 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_fold
         examples = method.train_dataset
         batch = collate_examples([examples[i] for i in range(6)])
         assert batch["flipped"].any() and not batch["flipped"].all()
+        # with the latents cached, the data loader stops decoding and resizing images
+        assert ("pixel_values" in batch) == (mode == "none")
         torch.manual_seed(0)
         losses[mode] = method.loss(batch)[0].item()
     assert losses[cache] == pytest.approx(losses["none"], rel=1e-5, abs=1e-6)

@@ -192,6 +192,14 @@ class PriorPreservationExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2 * self.per_set
 
+    @property
+    def decode_pixels(self) -> bool:
+        return self.instance.decode_pixels
+
+    @decode_pixels.setter
+    def decode_pixels(self, value: bool) -> None:
+        self.instance.decode_pixels = self.classes.decode_pixels = value
+
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         if index < self.per_set:
             example = self.instance.get(index % len(self.instance), rng)

@@ -142,6 +142,7 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
 
 class Inpainting(DreamBooth):
     name = "inpainting"
+    needs_pixels_with_cache = True  # the masked image is made from the pixels every step
     summary = "DreamBooth for 9-channel inpainting models (full or LoRA, prior preservation), random or user masks"
     Options = InpaintingOptions
     pipeline_name = "StableDiffusionInpaintPipeline"
