@@ -7,9 +7,10 @@ features (`finetune.evaluate.DigitsEvaluator`, next to its real-vs-real baseline
     .venv/bin/python benchmarks/bench_distillation.py --students outputs/digits-distillation   # score a finished run
     .venv/bin/python benchmarks/bench_distillation.py --teacher-steps 50,16,8,4 optim.lr=5e-4   # recipe overrides
 
-Every row uses the same seeds and number of samples. The teacher rows sample on the same grid as the students
-(t_i = (i + 1) * (T // N) - 1, the last step to x0) with the teacher's own x0 clipping, so "teacher, 16 steps" is the
-sampler the first student halves.
+Every row uses the same seeds and number of samples. The teacher rows are the teacher's own DDIM sampler (x0 clipped
+at every step, as its scheduler config says) on the same grid as the students (t_i = (i + 1) * (T // N) - 1, the last
+step to x0): what a user of the teacher gets with N steps. The first student halves the teacher's 32-step sampler with
+the clipping limited to high noise (the recipe's distillation.teacher_clip_snr).
 """
 
 from __future__ import annotations
