@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A recipe or override that cannot be used; the message names the key and says how to fix it."""
 
 
