@@ -1,22 +1,27 @@
 # Two commands on a fresh machine: `make demo` (train the digits model) and `make test`.
 # The environment lives in .venv; torch is installed first, pinned, so that pip keeps the CPU wheel on a CPU-only
-# machine (the local find-links wheel) and takes the CUDA build from PyPI on a GPU machine.
+# machine (the local find-links wheel) and takes the CUDA build from PyPI on a GPU machine. Everything else is
+# installed through requirements/lock.txt, the set the suite passed with; `make upgrade` moves it on purpose.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 # accelerate launch pins OMP_NUM_THREADS=1 unless told otherwise (without --cpu): give the one process every core
 THREADS ?= $(shell nproc)
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(THREADS)
 
-.PHONY: install demo miniature bench-digits test lint bench clean
+.PHONY: install demo miniature bench-digits test test-latest upgrade lint bench clean
 
-$(STAMP): pyproject.toml
+# pip installs exactly the locked versions (constraints), downgrading anything a previous install left newer, then
+# the environment is checked against the lock so that a drift fails here and not inside a test
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,app]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,app]"
+	$(PY) requirements/lockfile.py check $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,8 +45,34 @@ bench-digits: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
+# the suite against the newest release of every dependency, in a separate venv, without the lock and past the upper
+# bounds pyproject.toml sets for known breaks: finds the next break (or the end of a known one) before users do.
+# It first prints which packages moved beyond the lock; the tested environment (.venv) is not touched.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(LATEST)/bin/python -m pip install -q --no-deps -e .
+	$(LATEST)/bin/python -m pip install -q $$($(PYTHON) requirements/lockfile.py unbounded)
+	$(LATEST)/bin/python requirements/lockfile.py moved $(LOCK)
+	OMP_NUM_THREADS=1 $(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile
+
+# move the lock on purpose: resolve the newest releases in a scratch venv and write them to the lock; then run
+# `make test` (it reinstalls from the new lock) and commit requirements/lock.txt only if it passes
+upgrade:
+	rm -rf $(VENV)-upgrade
+	$(PYTHON) -m venv $(VENV)-upgrade
+	$(VENV)-upgrade/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VENV)-upgrade/bin/python -m pip install -q -e ".[dev,app]"
+	$(VENV)-upgrade/bin/python requirements/lockfile.py moved $(LOCK)
+	$(VENV)-upgrade/bin/python requirements/lockfile.py freeze > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(VENV)-upgrade
+	@echo "$(LOCK) rewritten: run 'make test', then commit it if the suite passes (git diff $(LOCK) shows what moved)"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache $(LATEST) $(VENV)-upgrade
