@@ -10,6 +10,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from finetune.compat import require_text_encoder_lora
 from finetune.config import ConfigError, option
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -38,6 +39,8 @@ class LoraOptions:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
+        if self.train_text_encoder and getattr(self, "use_lora", True):  # full DreamBooth trains the encoder itself
+            require_text_encoder_lora("train_text_encoder=true (a LoRA on the text encoder)")
 
     @property
     def lora_alpha(self) -> float:

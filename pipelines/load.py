@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from finetune.compat import require_text_encoder_lora
+
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = {
@@ -212,6 +214,8 @@ def check_lora_fits(pipe, path: str, base: str) -> None:
     source, kwargs = lora_source(path)
     loaded = type(pipe).lora_state_dict(source, use_safetensors=True, **kwargs)
     state_dict = loaded[0] if isinstance(loaded, tuple) else loaded  # (state_dict, alphas) for SD pipelines
+    if any(key.startswith("text_encoder") for key in state_dict):
+        require_text_encoder_lora(f"LoRA {path!r} holds text-encoder weights")
     problems, checked = lora_mismatches(pipe, state_dict)
     if problems:
         # one line per module (its down and up weights usually fail together)

@@ -128,7 +128,7 @@ def test_only_lora_parameters_change(tiny_sd, captioned_folder, tmp_path, monkey
     assert sorted(checkpoint_keys) == sorted(lora_keys), "a checkpoint holds the adapter, not the base model"
 
 
-def test_text_encoder_lora_is_saved_and_loaded(tiny_sd, captioned_folder, tmp_path):
+def test_text_encoder_lora_is_saved_and_loaded(tiny_sd, captioned_folder, tmp_path, monkeypatch):
     out = run_training(lora_recipe(tiny_sd, captioned_folder, tmp_path / "run", train_text_encoder=True))
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
@@ -136,6 +136,16 @@ def test_text_encoder_lora_is_saved_and_loaded(tiny_sd, captioned_folder, tmp_pa
     base = generate(pipe)
     pipe.load_lora_weights(out)
     assert np.abs(generate(pipe) - base).max() > 1e-3
+
+    # with a transformers that needs a newer peft, load_pipeline says so before diffusers' load raises deep inside
+    import transformers.integrations.peft
+
+    from finetune.errors import InputError
+    from pipelines.load import load_pipeline
+
+    monkeypatch.setattr(transformers.integrations.peft, "MIN_PEFT_VERSION", "99.0.0")
+    with pytest.raises(InputError, match=r"holds text-encoder weights: transformers .* peft >= 99.0.0"):
+        load_pipeline(tiny_sd, lora=str(out))
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])
