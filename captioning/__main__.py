@@ -19,6 +19,7 @@ from captioning.caption import (
     caption_folder,
     push_captioned_dataset,
 )
+from finetune.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +157,12 @@ def options_from_args(args: argparse.Namespace) -> CaptionOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 when every image is captioned (and pushed, if asked); 2 for bad input (folder, model, options);
+    1 when the push or a write fails while running (the captions written so far are kept) or for a bug (one line, or
+    the traceback with --debug / DIFFTUNE_DEBUG=1); 130 when interrupted (finished batches are kept)."""
+    from finetune.preflight import debug_requested, exit_code_for
+
+    argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.push_to_hub:
@@ -167,9 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except HFValidationError as error:
             parser.error(f"--push-to-hub: {error}")
     try:
-        summary = caption_folder(args.image_dir, options_from_args(args))
+        summary = run(args)
     except CaptioningError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"difftune: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -178,11 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    except Exception as error:  # noqa: BLE001 - InputError / RunError: their line and code; a bug: one line
+        return exit_code_for(error, debug)
+    if summary is None:
         return 0
+
     print(summary.format())
     if args.push_to_hub:
         print(f"Pushing {summary.image_dir} to the Hub dataset {args.push_to_hub} (private={args.private})...")
@@ -190,13 +197,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             push_captioned_dataset(summary.image_dir, args.push_to_hub, private=args.private, token=args.hub_token)
         except (OSError, ValueError) as error:  # Hub HTTP errors are OSErrors; a bad token or repo, ValueErrors
             print(
-                f"error: the upload failed ({type(error).__name__}: {error}). The captions are saved in "
+                f"difftune: the upload failed ({type(error).__name__}: {error}). The captions are saved in "
                 f"{summary.image_dir / METADATA_FILENAME}; run the same command again to retry the upload only.",
                 file=sys.stderr,
             )
             return 1
         print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
+
+
+def run(args: argparse.Namespace):
+    """Check the folder (captions are written into it) and the model before any image is read, then caption.
+    Returns the summary on the main process, None on the others."""
+    from pathlib import Path
+
+    from finetune.preflight import check_model_path, check_output_folder, is_main_rank
+
+    if Path(args.image_dir).expanduser().is_dir():
+        check_output_folder(args.image_dir, "IMAGE_DIR", probe=is_main_rank())
+    try:
+        check_model_path(args.model, "--model", "transformers", "this command loads safetensors weights only")
+    except InputError as error:
+        raise CaptioningError(f"{error} (cannot load a model config)") from None
+    summary = caption_folder(args.image_dir, options_from_args(args))
+
+    from accelerate import PartialState
+
+    return summary if PartialState().is_main_process else None
 
 
 if __name__ == "__main__":

@@ -1,45 +1,51 @@
-"""Command line: `accelerate launch -m finetune RECIPE.yaml [section.key=value ...]` (or `python -m finetune ...`)."""
+"""Command line: `accelerate launch -m finetune RECIPE.yaml [section.key=value ...]` (or `python -m finetune ...`).
+
+Exit codes: 0 when everything asked for happened; 2 for bad input (a recipe key, a path, the data: one line naming
+it and the fix); 1 for a failure while running (disk full, a Hub push that did not go through; local outputs are
+kept) and for bugs; 3 when another process of the job failed; 130 when interrupted. A bug prints one line, or its
+traceback with `--debug` or DIFFTUNE_DEBUG=1.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from finetune.config import ConfigError, format_help, load_config
+from finetune.config import format_help, load_config
+from finetune.preflight import debug_requested, exit_code_for, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
     if not argv or "-h" in argv or "--help" in argv:
         print(format_help())
         return 0
     recipe, overrides = (argv[0], argv[1:]) if not argv[0].count("=") else (None, argv)
     try:
         config = load_config(recipe, overrides)
-    except ConfigError as err:
-        print(f"difftune: configuration error: {err}", file=sys.stderr)
-        return 2
-    from finetune.train import train
+        from finetune.train import train
 
-    try:
         train(config)
-    except ConfigError as err:  # bad input found while reading the data or models, before training
-        print(f"difftune: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if not is_peer_failure(err):
+    except BaseException as err:  # noqa: BLE001 - every way out gets its exit code and one line
+        if isinstance(err, SystemExit):
             raise
-        print(
-            f"difftune: another process of this job failed or stopped answering ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Resume with "
-            "checkpoint.resume_from_checkpoint=latest once every process can run.",
-            file=sys.stderr,
-        )
-        return 3
+        if isinstance(err, Exception) and is_peer_failure(err):
+            print(
+                f"difftune: another process of this job failed or stopped answering ({type(err).__name__}: "
+                f"{one_line(str(err).splitlines()[0]) if str(err) else ''}). Resume with "
+                "checkpoint.resume_from_checkpoint=latest once every process can run.",
+                file=sys.stderr,
+            )
+            return 3
+        return exit_code_for(err, debug)
     return 0
 
 
 def is_peer_failure(err: BaseException) -> bool:
     """A collective that failed because a peer process died or timed out (gloo / NCCL), not a bug of this process."""
+    from finetune.errors import DifftuneError
+
+    if isinstance(err, DifftuneError):
+        return False
     import torch.distributed as dist
 
     if isinstance(err, getattr(dist, "DistError", ())):

@@ -957,8 +957,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 when the scores are computed (and written, with --json); 2 for bad input (a folder, a file, an
+    option); 1 when writing fails or for a bug (one line, or the traceback with --debug / DIFFTUNE_DEBUG=1)."""
+    from finetune.errors import InputError, RunError
+    from finetune.preflight import check_model_path, debug_requested, exit_code_for
+
+    argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     try:
+        if args.json_path:
+            parent = Path(args.json_path).expanduser().parent
+            if not parent.is_dir():
+                raise InputError(
+                    f"--json: the folder {str(parent)!r} does not exist; create it or choose another file"
+                )
         if args.fake_dir is not None:
             result = compare_image_folders(
                 args.real_dir,
@@ -968,6 +980,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
             )
         else:
+            check_model_path(
+                args.pipeline_folder, "PIPELINE_FOLDER", "pipeline", "this command loads safetensors only"
+            )
             result = evaluate_pipeline_folder(
                 args.pipeline_folder,
                 args.num_samples,
@@ -981,11 +996,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 pipeline_kwargs=None if args.guidance_scale is None else {"guidance_scale": args.guidance_scale},
             )
+        if args.json_path:
+            try:
+                Path(args.json_path).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as error:
+                raise RunError(f"--json: cannot write {args.json_path!r}: {error.strerror or error}") from error
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, InputError):
+            return exit_code_for(error, debug)
+        print(f"difftune: {error}", file=sys.stderr)
         return 2
-    if args.json_path:
-        Path(args.json_path).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+    except BaseException as error:  # noqa: BLE001 - every way out gets its exit code and one line
+        if isinstance(error, SystemExit):
+            raise
+        return exit_code_for(error, debug)
     return 0
 
 
