@@ -65,7 +65,13 @@ def load_components(config: Config, pipeline_name: str = "StableDiffusionPipelin
             f"model.pretrained_model_name_or_path is required: a {pipeline_name} folder or Hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
-    local = Path(path)
+    from finetune.preflight import check_model_path, describe_load_error
+
+    key = "model.pretrained_model_name_or_path"
+    pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
+    # missing folder, no model_index.json, corrupt safetensors, offline without the files: said before any load
+    check_model_path(path, key, "pipeline", pickle_hint, model.revision, COMPONENTS)
+    local = Path(path).expanduser()
     if local.exists():
         missing = [name for name in COMPONENTS if not (local / name).is_dir()]
         if missing:
@@ -87,13 +93,8 @@ def load_components(config: Config, pipeline_name: str = "StableDiffusionPipelin
     for name, load in loaders.items():
         try:
             parts[name] = load()
-        except (OSError, ValueError) as err:
-            hint = (
-                ""
-                if model.allow_pickle
-                else " (only safetensors are loaded; set model.allow_pickle=true to allow .bin)"
-            )
-            raise ConfigError(f"cannot load the {name} of {path!r}{hint}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, hub errors: one line each
+            raise ConfigError(describe_load_error(err, str(path), key, name, pickle_hint)) from err
     if parts["tokenizer"].model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
         parts["tokenizer"].model_max_length = parts["text_encoder"].config.max_position_embeddings
     if config.diffusion.prediction_type is not None:

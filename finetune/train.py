@@ -32,6 +32,7 @@ from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
 from finetune.methods import get_method_class
 from finetune.outputs import RUN_SCAFFOLDING, push_output_folder, save_grid, write_loss_curve, write_model_card
+from finetune.preflight import check_training_inputs
 
 logger = logging.getLogger("difftune")
 
@@ -107,6 +108,9 @@ def reset_accelerate_state() -> None:
 def train(config: Config) -> Path:
     output_dir = Path(config.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # cheap checks before accelerate starts and anything loads: the output folder (writable, with room), then every
+    # model path; the data comes next, in method.setup()
+    check_training_inputs(config)
     accumulation = config.train.gradient_accumulation_steps
 
     # accelerator: devices, mixed precision, process group, data sharding with a seeded sampler (resumable order)

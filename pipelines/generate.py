@@ -219,7 +219,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 when every image is written; 2 for bad input (a path, an option, a model that does not fit);
+    1 when writing fails or for a bug (one line, or the traceback with --debug / DIFFTUNE_DEBUG=1)."""
+    from finetune.preflight import debug_requested, exit_code_for
+
+    argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except BaseException as err:  # noqa: BLE001 - every way out gets its exit code and one line
+        if isinstance(err, SystemExit):
+            raise
+        return exit_code_for(err, debug)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model loads: the output folder, then every model and file path."""
+    from finetune.errors import InputError
+    from finetune.preflight import check_model_path, check_output_folder, looks_local
+
+    check_output_folder(args.out, "--out")
+    safetensors_only = "this command loads safetensors weights only"
+    check_model_path(args.base, "base model", "pipeline", safetensors_only)
+    check_model_path(args.unet, "--unet", "any", safetensors_only)
+    for option, values in (("--lora", [parse_lora(spec)[0] for spec in args.lora]), ("--embeddings", args.embeddings)):
+        for value in values:
+            if not Path(value).expanduser().exists() and looks_local(value):
+                raise InputError(f"{option}: {value!r} does not exist; give an existing file or folder, or a Hub id")
+    for option, value in (("--image", args.image), ("--mask", args.mask)):
+        if value is not None and not Path(value).expanduser().is_file():
+            raise InputError(f"{option}: the file {value!r} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
+    from finetune.errors import InputError, RunError
+    from finetune.preflight import describe_load_error, one_line
+
+    check_inputs(args)
     loras = [parse_lora(spec) for spec in args.lora]
     try:
         pipe = load_pipeline(
@@ -232,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
         )
+    except ValueError as err:  # our own checks: a LoRA for another model, a scheduler that does not fit, ...
+        raise InputError(one_line(err)) from err
+    except (OSError, SafetensorError) as err:
+        raise InputError(describe_load_error(err, args.base, "base model", "pipeline")) from err
+    try:
         results = generate(
             pipe,
             prompts=args.prompt,
@@ -248,13 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             strength=args.strength,
             batch_size=args.batch_size,
         )
-    except (ValueError, OSError) as err:
-        print(f"pipelines.generate: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:  # options that do not fit this pipeline, an unreadable --image
+        raise InputError(one_line(err)) from err
     extra = {"base": args.base, "lora": [f"{p}:{s}" for p, s in loras], "embeddings": args.embeddings}
     if args.unet:
         extra["unet"] = args.unet
-    paths, grid = save_images(results, args.out, extra)
+    try:
+        paths, grid = save_images(results, args.out, extra)
+    except OSError as err:
+        raise RunError(f"cannot write the images in {args.out!r}: {err.strerror or err}") from err
     for path in paths:
         print(path)
     print(f"grid: {grid}")
