@@ -68,6 +68,27 @@ class DataConfig:
     repeats: int = option(1, "Repeat the dataset N times per epoch (small DreamBooth sets).")
     verify_images: bool = option(True, "Decode every image once at start and skip unreadable ones (with a count).")
     num_workers: int = option(0, "DataLoader worker processes.")
+    bad_metadata: Literal["skip", "error"] = option(
+        "skip",
+        "A bad line of metadata.jsonl/.csv (not JSON, not UTF-8, no file_name, a missing file, a duplicate, a caption "
+        "that is not text when the method uses captions) or an unreadable .txt caption: 'skip' it (reported with its "
+        "line number and counted), or 'error': stop at the first one.",
+    )
+    # 'use' by default: kohya's scripts train an image that has no .txt caption (with the empty/default caption), and
+    # an image a user put in the folder is meant to be trained on; `datasets`' imagefolder drops it without a word,
+    # which is the surprise this replaces. The summary at start names them either way.
+    unlisted_images: Literal["use", "skip"] = option(
+        "use",
+        "Images of a folder that metadata.jsonl/.csv does not list (or, with .txt captions, that have no .txt): "
+        "'use' them without a caption (the empty prompt; DreamBooth's instance_prompt), or 'skip' them. Counted and "
+        "named in the summary at start.",
+    )
+    max_image_pixels: int | None = option(
+        64_000_000,
+        "Largest image (width x height) to train on: a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale when that "
+        "brings it under the limit, any other is skipped and counted, never decoded. null: no limit of ours (PIL's "
+        "decompression-bomb limit still applies).",
+    )
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -76,6 +97,11 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1, 3 or null, got {self.channels}")
         if self.repeats < 1:
             raise ConfigError(f"data.repeats must be >= 1, got {self.repeats}")
+        if self.max_image_pixels is not None and self.max_image_pixels < self.resolution**2:
+            raise ConfigError(
+                f"data.max_image_pixels must be null or at least data.resolution^2 = {self.resolution**2}, got "
+                f"{self.max_image_pixels}"
+            )
 
 
 @dataclass

@@ -4,15 +4,28 @@ Every random choice made for an example (crop, flip, caption choice, caption dro
 later) is drawn from a generator seeded by (seed, epoch, example index). Augmentation then does not depend on which
 process loads the example, how batches are split, or whether the run was resumed: exact resume and multi-process
 equivalence follow from it.
+
+The front door of a local folder is ours, not `datasets`': metadata.jsonl / metadata.csv / metadata.parquet and .txt
+captions are read line by line (`scan_folder`), so a bad line is reported with its file and line number and skipped
+or, with `data.bad_metadata=error`, stops the job with that message; captions are checked at start only when the
+method uses them; images the metadata does not list are used or skipped (`data.unlisted_images`); images over
+`data.max_image_pixels` are never decoded whole. One summary line at start says what was found and what was left out.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
+import json
 import logging
+import math
 import os
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +34,20 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.config import ConfigError, DataConfig
+from finetune.errors import RunError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+DETAIL_LINES = 20  # problems logged one by one at WARNING; past this many, at INFO (the summary has the count)
+
+# PIL warns (DecompressionBombWarning) when it opens an image over ~89 MP and refuses over ~179 MP. For training data
+# data.max_image_pixels replaces that check: it is made on the header, before any decoding, and the image is reduced
+# or skipped and counted; PIL's warning would only repeat it, its error is caught and counted as "too large". The
+# warning is silenced around Image.open only (which reads just the header), under a lock: catch_warnings is not
+# thread-safe and images are checked from a thread pool.
+_OPEN_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,20 +102,54 @@ def image_to_tensor(
     return tensor.contiguous(), flipped
 
 
-def open_image(source: Any) -> Image.Image:
-    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad)."""
+class ImageTooLarge(ValueError):
+    """An image over data.max_image_pixels that cannot be decoded at a reduced scale; it is skipped, never decoded."""
+
+
+def open_image(source: Any, max_pixels: int | None = None) -> Image.Image:
+    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad).
+
+    An image over `max_pixels` raises ImageTooLarge before decoding, unless it is a JPEG that decodes at 1/2, 1/4 or
+    1/8 scale under the limit (`Image.draft`: the DCT does the reduction, the full image never exists).
+    """
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
-    if isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, (str, os.PathLike)):
-        image = Image.open(source)
-    else:
+    if not isinstance(source, (bytes, bytearray, str, os.PathLike)):
         raise ValueError(f"not an image: {type(source).__name__}")
-    image.load()  # decode now: truncated files fail here rather than in the training loop
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"too large: over PIL's decompression-bomb limit ({err})") from err
+    try:
+        if max_pixels is not None:
+            fit_pixel_limit(image, max_pixels)
+        image.load()  # decode now: truncated files fail here rather than in the training loop
+    except BaseException:
+        image.close()
+        raise
     return image
+
+
+def fit_pixel_limit(image: Image.Image, max_pixels: int) -> None:
+    """Make a lazily opened image decode within `max_pixels` (JPEG draft mode), or raise ImageTooLarge."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return
+    if image.format == "JPEG":
+        for scale in (2, 4, 8):
+            if math.ceil(width / scale) * math.ceil(height / scale) <= max_pixels:
+                image.draft(None, (width // scale, height // scale))
+                if image.size[0] * image.size[1] <= max_pixels:
+                    return
+                break
+    raise ImageTooLarge(
+        f"too large: {width}x{height} = {width * height / 1e6:.1f} MP, over data.max_image_pixels = "
+        f"{max_pixels / 1e6:.1f} MP (skipped, not decoded)"
+    )
 
 
 def _describe(source: Any, index: int) -> str:
@@ -103,16 +160,21 @@ def _describe(source: Any, index: int) -> str:
     return f"example {index}"
 
 
-def find_unreadable_images(sources: Sequence[Any], num_threads: int = 8) -> list[tuple[int, str, str]]:
-    """Try to decode every image; return (index, name, reason) for the ones that cannot be read."""
+def find_unreadable_images(
+    sources: Sequence[Any], num_threads: int = 8, max_pixels: int | None = None
+) -> list[tuple[int, str, str]]:
+    """Try to decode every image; return (index, name, reason) for the ones that cannot be read (or, with
+    `max_pixels`, are too large: their reason starts with 'too large')."""
 
     def check(item: tuple[int, Any]):
         index, source = item
         try:
-            image = open_image(source)
+            image = open_image(source, max_pixels)
             if image.width < 1 or image.height < 1:
                 raise ValueError("empty image")
             return None
+        except ImageTooLarge as err:
+            return index, _describe(source, index), str(err)
         except Exception as err:  # noqa: BLE001 - any decoding failure means: skip this file
             return index, _describe(source, index), f"{type(err).__name__}: {err}"
 
@@ -121,46 +183,475 @@ def find_unreadable_images(sources: Sequence[Any], num_threads: int = 8) -> list
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# records: a `datasets.Dataset` whose image column is left undecoded (paths or bytes)
+# the front door of a folder: metadata and captions read by us, line by line
 # ---------------------------------------------------------------------------------------------------------------------
-def _has_metadata(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv", "metadata.parquet"))
+class Records:
+    """Columns of equal length as plain lists: the part of `datasets.Dataset` ImageRecords uses. A folder's rows come
+    from our own reading of its metadata, so a caption that is a number on line 13 never meets pyarrow's typed
+    columns; `report` says what the reading found."""
+
+    def __init__(self, columns: dict[str, list], report: DataReport | None = None):
+        self.columns, self.report = columns, report
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __getitem__(self, column: str) -> list:
+        return self.columns[column]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def select(self, indices) -> Records:
+        indices = list(indices)
+        return Records({name: [values[i] for i in indices] for name, values in self.columns.items()}, self.report)
 
 
-def load_records(config: DataConfig, dataset: str | None = None):
-    """Load an image folder or Hub dataset as a `datasets.Dataset` with the image column undecoded.
+@dataclass
+class Problem:
+    """One bad metadata line / row / caption file: where (file and line) and what is wrong."""
 
-    A local folder with metadata.jsonl/csv is an `imagefolder` (its other columns come along); a folder whose images
-    have `.txt` sidecar captions (kohya's format) gets a caption column from them; otherwise only images.
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class DataReport:
+    """What reading a folder or dataset found: the one summary line at start and its details."""
+
+    source: str
+    total: int = 0  # image files in the folder (readable or not) / rows of a dataset
+    metadata: str | None = None  # 'metadata.jsonl', ..., '.txt captions' or None
+    uses_captions: bool = False
+    unlisted_policy: str = "use"
+    unlisted_rows: set[int] = field(default_factory=set)  # rows of unlisted images (kept with 'use')
+    unlisted_skipped: list[str] = field(default_factory=list)
+    bad: list[Problem] = field(default_factory=list)
+    bad_noun: str = "line"
+    excluded_rows: set[int] = field(default_factory=set)  # rows left out for a bad value (datasets, not folders)
+    notes: list[str] = field(default_factory=list)  # logged, not counted: folders named like images, ignored files
+
+
+MISSING = object()
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def caption_problem(value: Any, column: str) -> str | None:
+    """Why `value` cannot be a caption (text, or a non-empty list of texts: one is drawn each time), or None."""
+    if value is MISSING:
+        return f"no caption: no {column!r} key (data.caption_column)"
+    if value is None:
+        return f"caption {column!r} is null or empty"
+    if isinstance(value, str):
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"caption {column!r} is an empty list"
+        other = next(v for v in value if not isinstance(v, str))
+        return f"caption {column!r} is a list holding {_kind(other)}, not only text"
+    return f"caption {column!r} is {_kind(value)}, not text"
+
+
+def label_problem(value: Any, column: str) -> str | None:
+    """Why `value` cannot be an integer class label, or None."""
+    if value is MISSING:
+        return f"no {column!r} key (data.label_column)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return None
+    return f"label {column!r} is {_kind(value) if not isinstance(value, str) else repr(value)}, not an integer"
+
+
+def value_problem(value: Any, column: str) -> str | None:
+    if value is MISSING:
+        return f"no {column!r} key"
+    if value is None:
+        return f"{column!r} is null"
+    return None
+
+
+def column_checks(config: DataConfig, columns: Sequence[str]) -> dict[str, Callable[[Any, str], str | None]]:
+    """The per-row check of each column a method asked for (the image column is checked by decoding)."""
+    checks = {}
+    for column in columns:
+        if column == config.image_column:
+            continue
+        if column == config.caption_column:
+            checks[column] = caption_problem
+        elif column == config.label_column:
+            checks[column] = label_problem
+        else:
+            checks[column] = value_problem
+    return checks
+
+
+def _is_main_process() -> bool:
+    # data code runs before (and without) an Accelerator in tests; the launcher's RANK says which process this is
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def _bad(report: DataReport, policy: str, problem: Problem, fix: str) -> None:
+    """Count a bad line (skip), or stop at it (error) with the message naming the file and line."""
+    if policy == "error":
+        raise ConfigError(
+            f"data: {problem.where} in {report.source}: {problem.reason}. {fix}, or set data.bad_metadata=skip to "
+            f"skip bad {report.bad_noun}s (they are counted)"
+        )
+    report.bad.append(problem)
+
+
+def _decode_utf16(raw: bytes) -> str | None:
+    """Whole-file text for UTF-16 files (a BOM says so), else None: UTF-8 is decoded line by line by the caller.
+    Raises ValueError (the reason) for a UTF-16 BOM on something that is not UTF-16."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"starts with a UTF-16 byte-order mark but is not valid UTF-16 ({err.reason} at byte {err.start}); "
+                "save it as UTF-8"
+            ) from err
+    return None
+
+
+def _decode_text(raw: bytes, path: Path) -> str | None:
+    try:
+        return _decode_utf16(raw)
+    except ValueError as err:
+        raise ConfigError(f"data: {str(path)!r} {err}") from err
+
+
+def _utf8_problem(err: UnicodeDecodeError, line: bytes) -> str:
+    hint = " (it looks like UTF-16 without a byte-order mark: save the file as UTF-8)" if b"\x00" in line else ""
+    return f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}){hint}"
+
+
+def _text_lines(path: Path, name: str) -> list[tuple[int, str | Problem]]:
+    """(line number, text) of every non-blank line; a line that is not UTF-8 comes as a Problem. A UTF-8 BOM is
+    dropped, UTF-16 with a BOM is read as such."""
+    raw = path.read_bytes()
+    text = _decode_text(raw, path)
+    if text is not None:
+        return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    lines = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            lines.append((number, Problem(f"{name} line {number}", _utf8_problem(err, line))))
+            continue
+        if "\x00" in text:  # valid UTF-8, but no text file holds NULs: UTF-16 (ASCII-range) without a BOM
+            text = Problem(
+                f"{name} line {number}",
+                "holds NUL bytes: it looks like UTF-16 without a byte-order mark (save the file as UTF-8)",
+            )
+        lines.append((number, text))
+    return lines
+
+
+def read_jsonl(path: Path, name: str) -> list[tuple[str, dict | Problem]]:
+    rows = []
+    for number, line in _text_lines(path, name):
+        where = f"{name} line {number}"
+        if isinstance(line, Problem):
+            rows.append((where, line))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append((where, Problem(where, f"not JSON: {err.msg} (column {err.colno})")))
+            continue
+        if not isinstance(value, dict):
+            rows.append((where, Problem(where, f"not a JSON object but {_kind(value)}")))
+            continue
+        rows.append((where, value))
+    return rows
+
+
+def read_csv(path: Path, name: str) -> list[tuple[str, dict | Problem]]:
+    """Rows of a CSV with a header line; cells are text (an empty caption cell is no caption), other columns whose
+    every cell is an integer become integers (as `datasets` would read them)."""
+    raw = path.read_bytes()
+    text = _decode_text(raw, path)
+    if text is None:
+        text = raw.decode("utf-8-sig", errors="surrogateescape")  # undecodable bytes are reported per row below
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, header, previous = [], None, 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            rows.append(
+                (f"{name} line {reader.line_num}", Problem(f"{name} line {reader.line_num}", f"not CSV ({err})"))
+            )
+            if reader.line_num == previous:
+                break  # the reader cannot get past it
+            previous = reader.line_num
+            continue
+        first, previous = previous + 1, reader.line_num
+        where = f"{name} line {first}"
+        if not any(c.strip() for c in cells):
+            continue
+        bad_text = next((c for c in cells if any("\udc80" <= ch <= "\udcff" for ch in c)), None)
+        if bad_text is not None:
+            line = bad_text.encode("utf-8", errors="surrogateescape")
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                rows.append((where, Problem(where, _utf8_problem(err, line))))
+            continue
+        if header is None:
+            header = [c.strip() for c in cells]
+            continue
+        if len(cells) != len(header):
+            rows.append((where, Problem(where, f"{len(cells)} fields, the header line has {len(header)}")))
+            continue
+        rows.append((where, dict(zip(header, cells))))
+    objects = [row for _, row in rows if isinstance(row, dict)]
+    for column in header or []:
+        cells = [row[column] for row in objects if row[column].strip()]
+        numeric = bool(cells) and all(c.strip().lstrip("-").isdigit() for c in cells)
+        for row in objects:
+            if column == "file_name":
+                continue
+            if not row[column].strip():
+                row[column] = None
+            elif numeric:
+                row[column] = int(row[column])
+    return rows
+
+
+def read_parquet(path: Path, name: str) -> list[tuple[str, dict | Problem]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - any failure to read it is a bad file, reported in one line
+        raise ConfigError(f"data: {name} cannot be read as Parquet ({type(err).__name__}: {err})") from err
+    return [(f"{name} row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+
+
+READERS = {"metadata.jsonl": read_jsonl, "metadata.csv": read_csv, "metadata.parquet": read_parquet}
+
+
+def _image_files(folder: Path, report: DataReport) -> list[str]:
+    """Relative paths of the files named like images, sorted; hidden files and folders are left out (as `datasets`
+    does). Links are not followed into folders (no loops); a link that leads nowhere stays, to be counted as
+    unreadable. A folder named like an image is noted and searched like any folder."""
+    found = []
+    for root, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                report.notes.append(f"{(Path(root) / name).relative_to(folder).as_posix()}/ is a folder, not an image")
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((Path(root) / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def _listed_file(value: Any, folder: Path) -> tuple[str | None, str | None]:
+    """(relative path, None) of a metadata file_name, or (None, why it cannot be used)."""
+    if value is MISSING:
+        return None, "no 'file_name' key"
+    if not isinstance(value, str) or not value.strip():
+        return None, f"file_name is {_kind(value) if not isinstance(value, str) else 'empty'}, not a file name"
+    relative = os.path.normpath(value.strip()).replace(os.sep, "/")
+    if os.path.isabs(relative) or relative == ".." or relative.startswith("../"):
+        return None, f"file_name {value!r} is outside the folder"
+    path = folder / relative
+    if path.is_dir():
+        return None, f"file_name {value!r} is a folder, not an image file"
+    if not os.path.lexists(path):
+        return None, f"file_name {value!r}: no such file in {str(folder)!r}"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return None, f"file_name {value!r} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return relative, None
+
+
+def scan_folder(folder: Path, config: DataConfig, columns: Sequence[str] = ()) -> Records:
+    """An image folder's rows, read by us: image paths plus the metadata's columns (or .txt captions).
+
+    Every bad metadata line / caption file is counted in the report (or, with data.bad_metadata=error, stops the
+    job naming file:line); the image it names is left out. The columns in `columns` are checked on every line (a
+    caption must be text); the others come along unchecked, so a method that does not use captions never fails on
+    one. Images the metadata does not list follow data.unlisted_images.
     """
-    import datasets
+    report = DataReport(str(folder), unlisted_policy=config.unlisted_images)
+    images = _image_files(folder, report)
+    report.total = len(images)
+    checks = column_checks(config, columns)
+    report.uses_captions = config.caption_column in checks
+    metadata = [name for name in METADATA_FILES if (folder / name).is_file()]
+    values: dict[str, dict] = {}  # relative path -> its metadata values
+    excluded: set[str] = set()  # images named by a bad line
+    listed = metadata or (report.uses_captions and any((folder / i).with_suffix(".txt").is_file() for i in images))
+    keys: set[str] = set()  # the metadata's columns (any line that is a JSON object: a column no line has is unknown)
+    if metadata:
+        name = metadata[0]
+        report.metadata = name
+        report.notes += [f"{other} ignored: {name} is read (one metadata file per folder)" for other in metadata[1:]]
+        values, excluded, keys = _read_metadata(folder, name, config, checks, report)
+    elif listed:  # kohya's format: a .txt caption beside each image
+        report.metadata, report.bad_noun = ".txt captions", "caption file"
+        values, excluded = _read_sidecars(folder, images, config, report)
+        keys = {config.caption_column}
+    paths = sorted((set(images) | set(values)) - excluded)
+    unlisted = [p for p in paths if p not in values] if listed else []
+    if config.label_column in checks and unlisted:
+        report.unlisted_policy = "skip"  # an image without a line has no class label: it cannot be used
+    if unlisted and report.unlisted_policy == "skip":
+        report.unlisted_skipped = unlisted
+        paths = [p for p in paths if p in values]
+    keys = sorted(keys - {"file_name", config.image_column})
+    table: dict[str, list] = {config.image_column: [str(folder / p) for p in paths]}
+    for key in keys:
+        # an unlisted image has no caption: the empty prompt (kohya's behaviour); other columns have no value
+        blank = "" if key == config.caption_column else None
+        table[key] = [values[p].get(key, blank) if p in values else blank for p in paths]
+    report.unlisted_rows = {i for i, p in enumerate(paths) if listed and p not in values}
+    return Records(table, report)
 
+
+def _read_metadata(
+    folder: Path, name: str, config: DataConfig, checks: dict, report: DataReport
+) -> tuple[dict[str, dict], set[str], set[str]]:
+    policy, fix = config.bad_metadata, "Fix or delete the line"
+    rows = READERS[name](folder / name, name)
+    report.bad_noun = "row" if name.endswith(".parquet") else "line"
+    objects = [row for _, row in rows if isinstance(row, dict)]
+    keys = {key for row in objects for key in row}
+    if objects and "file_name" not in keys:
+        raise ConfigError(
+            f"data: {str(folder / name)!r}: no line has a 'file_name' key (keys found: {', '.join(sorted(keys))}). "
+            'Name each image in it, e.g. {"file_name": "0001.png", "' + config.caption_column + '": "a caption"}'
+        )
+    if checks and rows and not objects:
+        first = next(row for _, row in rows if isinstance(row, Problem))
+        raise ConfigError(
+            f"data: {str(folder / name)!r} has no usable line ({len(rows)} bad, first {first}). Each line must be "
+            '{"file_name": "<image>", "' + config.caption_column + '": "<caption>"} (UTF-8)'
+        )
+    # a column no line has is a wrong column name, not a bad line: require_columns names it with the valid ones
+    checks = {column: check for column, check in checks.items() if column in keys}
+    values: dict[str, dict] = {}
+    first_line: dict[str, str] = {}
+    excluded: set[str] = set()
+    for where, row in rows:
+        if isinstance(row, Problem):
+            _bad(report, policy, row, fix)
+            continue
+        relative, why = _listed_file(row.get("file_name", MISSING), folder)
+        if why is None and relative in first_line:
+            why = f"file_name {relative!r} repeats {first_line[relative]} (the first one is used)"
+            relative = None
+        if why is None:
+            why = next((p for c, check in checks.items() if (p := check(row.get(c, MISSING), c))), None)
+            if why is not None:
+                excluded.add(relative)
+        if why is not None:
+            _bad(report, policy, Problem(where, why), fix)
+            continue
+        first_line[relative] = where.split(" ", 1)[1]
+        values[relative] = {k: v for k, v in row.items() if k != "file_name"}
+    return values, excluded - set(values), keys
+
+
+def _read_sidecars(
+    folder: Path, images: list[str], config: DataConfig, report: DataReport
+) -> tuple[dict[str, dict], set[str]]:
+    values: dict[str, dict] = {}
+    excluded: set[str] = set()
+    for relative in images:
+        caption_file = (folder / relative).with_suffix(".txt")
+        if not caption_file.is_file():
+            continue
+        where = caption_file.relative_to(folder).as_posix()
+        try:
+            raw = caption_file.read_bytes()
+            text = _decode_utf16(raw)
+            if text is None:
+                text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            problem = Problem(where, _utf8_problem(err, raw))
+        except ValueError as err:
+            problem = Problem(where, str(err))
+        except OSError as err:
+            problem = Problem(where, f"cannot be read ({type(err).__name__}: {err.strerror or err})")
+        else:
+            values[relative] = {config.caption_column: text.strip()}
+            continue
+        excluded.add(relative)
+        _bad(report, config.bad_metadata, problem, "Fix or delete the caption file")
+    return values, excluded
+
+
+def check_dataset_columns(records, config: DataConfig, columns: Sequence[str], report: DataReport) -> None:
+    """Rows of a Hub (or other `datasets`) dataset whose caption / label is not usable: counted and left out, or
+    with data.bad_metadata=error the first one stops the job. Found at start, never mid-training."""
+    report.bad_noun = "row"
+    for column, check in column_checks(config, columns).items():
+        if column not in records.column_names:
+            continue
+        for row, value in enumerate(records[column]):
+            why = check(value, column)
+            if why is not None and row not in report.excluded_rows:
+                _bad(report, config.bad_metadata, Problem(f"row {row}", why), "Fix the row")
+                report.excluded_rows.add(row)
+
+
+def load_records(config: DataConfig, dataset: str | None = None, columns: Sequence[str] = ()):
+    """The rows of an image folder (read by `scan_folder`) or a Hub dataset (a `datasets.Dataset` with its image
+    column undecoded). `columns` are the columns the method uses: they are checked on every row."""
     name = dataset or config.dataset
     folder = Path(name).expanduser()
     if folder.is_dir():
-        image_files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if _has_metadata(folder):
-            records = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
-        elif image_files and any(p.with_suffix(".txt").is_file() for p in image_files):
-            captions = [
-                p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None
-                for p in image_files
-            ]
-            records = datasets.Dataset.from_dict(
-                {config.image_column: [str(p) for p in image_files], config.caption_column: captions}
+        records = scan_folder(folder, config, columns)
+        if not records.report.total:
+            raise ConfigError(
+                f"data.dataset: the folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-            return records  # image column holds paths already
-        else:
-            if not image_files:
-                raise ConfigError(
-                    f"data.dataset: the folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
-            records = datasets.Dataset.from_dict({config.image_column: [str(p) for p in image_files]})
-            return records
-    elif name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
+        return records
+    if name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
         raise ConfigError(f"data.dataset: the folder {name!r} does not exist")
-    else:
+    import datasets
+
+    try:
         records = datasets.load_dataset(name, config.dataset_config_name, split=config.split)
+    except Exception as err:  # noqa: BLE001 - not found, offline, no such split: one line, not a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(
+            f"data.dataset: cannot load the dataset {name!r} (split {config.split!r}): {type(err).__name__}: {first}"
+        ) from err
     if config.image_column in records.column_names and isinstance(
         records.features.get(config.image_column), datasets.Image
     ):
@@ -183,45 +674,172 @@ def require_columns(records, columns: dict[str, str], source: str) -> None:
             )
 
 
-class ImageRecords(torch.utils.data.Dataset):
-    """Images (and chosen columns) from a `datasets.Dataset`, with unreadable images dropped and counted."""
+def _names(items: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(Path(i).name if "/" in i or os.sep in i else i for i in items[:limit])
+    return shown + (f", +{len(items) - limit} more" if len(items) > limit else "")
 
-    def __init__(self, records, config: DataConfig, channels: int, columns: Sequence[str] = (), source: str = ""):
-        require_columns(records, {config.image_column: "data.image_column"}, source or config.dataset)
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class ImageRecords(torch.utils.data.Dataset):
+    """Images (and chosen columns) of a folder or dataset, with unreadable and too large images dropped and counted,
+    and rows a report excludes left out; logs the one summary line of what was found."""
+
+    def __init__(
+        self,
+        records,
+        config: DataConfig,
+        channels: int,
+        columns: Sequence[str] = (),
+        source: str = "",
+        report: DataReport | None = None,
+    ):
+        source = source or config.dataset
+        require_columns(records, {config.image_column: "data.image_column"}, source)
+        report = report or getattr(records, "report", None)
+        total = len(records)
         if config.max_samples is not None:
             records = records.select(range(min(config.max_samples, len(records))))
         self.config = config
         self.channels = channels
         self.columns = list(columns)
+        self.source_name = source
+        self.report = report
         self.image_sources = records[config.image_column]
         self.column_values = {c: records[c] for c in self.columns}
-        self.indices = list(range(len(records)))
+        excluded = report.excluded_rows if report is not None else set()
+        self.indices = [i for i in range(len(records)) if i not in excluded]
         self.skipped: list[tuple[int, str, str]] = []
+        self.too_large: list[tuple[int, str, str]] = []
+        self.failed_rows: set[int] = set()  # rows that could not be read during training (replaced, see get)
         self.decode_pixels = True  # False once a latent cache holds every image: get() then returns no pixels
         if config.verify_images:
-            self.skipped = find_unreadable_images(self.image_sources)
-            bad = {index for index, _, _ in self.skipped}
+            found = find_unreadable_images(
+                [self.image_sources[i] for i in self.indices], max_pixels=config.max_image_pixels
+            )
+            found = [(self.indices[i], name, reason) for i, name, reason in found]
+            self.too_large = [bad for bad in found if bad[2].startswith("too large")]
+            self.skipped = found
+            bad = {index for index, _, _ in found}
             self.indices = [i for i in self.indices if i not in bad]
-            if self.skipped:
-                names = ", ".join(name for _, name, _ in self.skipped[:5])
+            unreadable = [bad for bad in found if not bad[2].startswith("too large")]
+            if unreadable and _is_main_process():
                 logger.warning(
                     "skipped %d unreadable image(s) of %d: %s%s",
-                    len(self.skipped),
+                    len(unreadable),
                     len(records),
-                    names,
-                    " ..." if len(self.skipped) > 5 else "",
+                    ", ".join(name for _, name, _ in unreadable[:5]),
+                    " ..." if len(unreadable) > 5 else "",
                 )
+        cut = total - len(records)
+        summary = self.summary(cut)
+        if report is not None and _is_main_process():
+            self.log_details()
+            anything_left_out = report.bad or report.unlisted_skipped or self.skipped or cut or report.unlisted_rows
+            logger.log(logging.WARNING if anything_left_out else logging.INFO, "%s", summary)
         if not self.indices:
-            raise ConfigError(f"data.dataset: {source or config.dataset!r} has no readable images")
+            what = (
+                "readable" if self.skipped and not (report and (report.bad or report.unlisted_skipped)) else "usable"
+            )
+            raise ConfigError(f"data.dataset: {source!r} has no {what} images ({summary.split(': ', 1)[1]})")
+        if report is not None and report.uses_captions and report.metadata and not self.captioned_count():
+            raise ConfigError(
+                f"data.dataset: none of the images in {source!r} has a usable caption ({summary.split(': ', 1)[1]}). "
+                f"Fix the captions ({report.metadata}), or set data.caption_column to the column that holds them"
+            )
+
+    def captioned_count(self) -> int:
+        unlisted = self.report.unlisted_rows if self.report is not None else set()
+        return sum(1 for i in self.indices if i not in unlisted)
+
+    def summary(self, cut: int = 0) -> str:
+        """'data: 16 images in ./photos: 12 with captions, 2 not listed in metadata.jsonl (used without caption),
+        1 unreadable (truncated.png), 1 line skipped (metadata.jsonl line 16: not JSON)'"""
+        report = self.report
+        if report is None:
+            return f"data: {len(self.indices)} examples from {self.source_name}"
+        noun = "images in" if Path(report.source).is_dir() else "rows of"
+        parts = []
+        unlisted_used = sum(1 for i in self.indices if i in report.unlisted_rows)
+        listed_used = len(self.indices) - unlisted_used
+        if report.uses_captions:
+            parts.append(f"{listed_used} with captions")
+        else:
+            parts.append(f"{len(self.indices)} used")
+        where = "a .txt caption" if report.metadata == ".txt captions" else report.metadata
+        if report.uses_captions and unlisted_used:
+            without = "without a .txt caption" if report.metadata == ".txt captions" else f"not listed in {where}"
+            parts.append(f"{unlisted_used} {without} (used without caption)")
+        if report.unlisted_skipped:
+            without = "without a .txt caption" if report.metadata == ".txt captions" else f"not listed in {where}"
+            why = "data.unlisted_images=skip" if self.config.unlisted_images == "skip" else "no label"
+            parts.append(f"{len(report.unlisted_skipped)} {without} (skipped: {why})")
+        unreadable = [name for _, name, reason in self.skipped if not reason.startswith("too large")]
+        if unreadable:
+            parts.append(f"{len(unreadable)} unreadable ({_names(unreadable)})")
+        if self.too_large:
+            parts.append(
+                f"{len(self.too_large)} over data.max_image_pixels ({_names([n for _, n, _ in self.too_large])})"
+            )
+        if report.bad:
+            shown = "; ".join(str(p) for p in report.bad[:2]) + (
+                f"; +{len(report.bad) - 2} more" if len(report.bad) > 2 else ""
+            )
+            parts.append(f"{_plural(len(report.bad), report.bad_noun)} skipped ({shown})")
+        if cut:
+            parts.append(f"{cut} left out by data.max_samples")
+        return f"data: {report.total} {noun} {report.source}: {', '.join(parts)}"
+
+    def log_details(self) -> None:
+        report = self.report
+        details = [f"{p}; skipped" for p in report.bad]
+        details += [f"{name}: {reason}; skipped" for _, name, reason in self.skipped]
+        unlisted = "no .txt caption" if report.metadata == ".txt captions" else f"not listed in {report.metadata}"
+        details += [f"{name}: {unlisted}; skipped" for name in report.unlisted_skipped]
+        details += report.notes
+        for number, line in enumerate(details):
+            logger.log(logging.WARNING if number < DETAIL_LINES else logging.INFO, "data: %s", line)
+        rows = [i for i in self.indices if i in report.unlisted_rows]
+        if rows and report.uses_captions:
+            names = [Path(str(self.image_sources[i])).name for i in rows if i < len(self.image_sources)]
+            logger.info("data: used without caption (%s): %s", unlisted, ", ".join(names))
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def open_row(self, index: int) -> tuple[int, Image.Image]:
+        """The image of example `index`, or, when it cannot be read any more (deleted or damaged after the start),
+        the next readable one, with a warning: a long run does not die on one file; a run whose files are all gone
+        stops with a one-line error."""
+        count = len(self.indices)
+        for offset in range(count):
+            row = self.indices[(index + offset) % count]
+            if row in self.failed_rows:
+                continue
+            try:
+                return row, open_image(self.image_sources[row], self.config.max_image_pixels)
+            except Exception as err:  # noqa: BLE001 - any failure to read a file that was readable at start
+                self.failed_rows.add(row)
+                logger.warning(
+                    "data: %s cannot be read any more (%s: %s): it was readable at start; another image of the "
+                    "dataset takes its place from now on",
+                    _describe(self.image_sources[row], row),
+                    type(err).__name__,
+                    err,
+                )
+        raise RunError(
+            f"data.dataset: none of the {count} images of {self.source_name!r} can be read any more (deleted or "
+            "damaged during training); restore them and resume with checkpoint.resume_from_checkpoint=latest"
+        )
+
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
         if self.decode_pixels:
+            row, image = self.open_row(index)
             pixels, flipped = image_to_tensor(
-                open_image(self.image_sources[row]),
+                image,
                 self.config.resolution,
                 self.channels,
                 rng,
@@ -230,6 +848,8 @@ class ImageRecords(torch.utils.data.Dataset):
             )
             example = {"pixel_values": pixels, "flipped": flipped, "row": row}
         else:  # cached latents (center crops only): the same draws as image_to_tensor, no image work
+            if row in self.failed_rows:  # it failed while the cache was built: its stand-in's latents are there
+                row = next(r for r in self.indices[index:] + self.indices[:index] if r not in self.failed_rows)
             example = {"flipped": bool(self.config.random_flip and rng.random() < 0.5), "row": row}
         example.update({c: self.column_values[c][row] for c in self.columns})
         return example
@@ -325,10 +945,14 @@ def build_image_source(
     if config.dataset == "digits":
         return DigitsRecords(config, exclude_labels=exclude_labels)
     channels = channels or config.channels or 3
-    records = load_records(config)
+    records = load_records(config, columns=columns)
     required = {column: f"data.{_column_option(config, column)}" for column in columns}
     require_columns(records, required, config.dataset)
-    return ImageRecords(records, config, channels, columns, source=config.dataset)
+    report = getattr(records, "report", None)
+    if report is None:  # a Hub dataset: its captions / labels are checked here, at start
+        report = DataReport(config.dataset, total=len(records), uses_captions=config.caption_column in columns)
+        check_dataset_columns(records, config, columns, report)
+    return ImageRecords(records, config, channels, columns, source=config.dataset, report=report)
 
 
 def _column_option(config: DataConfig, column: str) -> str:

@@ -146,6 +146,20 @@ def train(config: Config) -> Path:
             f"the dataset has {len(dataset)} examples, fewer than one batch on every process "
             f"({config.train.train_batch_size} x {accelerator.num_processes}); lower train.train_batch_size"
         )
+    distinct = len(getattr(dataset, "source", dataset))
+    if distinct < config.train.train_batch_size * accelerator.num_processes and accelerator.is_main_process:
+        # TrainingExamples repeats a dataset smaller than one batch (drop_last would leave no batch at all), so the
+        # same images fill every batch: say so rather than train on copies silently
+        logger.warning(
+            "data: %d example(s) for a batch of %d (train.train_batch_size %d x %d process(es)): examples repeat "
+            "within every batch (%d copies of each per epoch). Add images, or set train.train_batch_size=%d",
+            distinct,
+            config.train.train_batch_size * accelerator.num_processes,
+            config.train.train_batch_size,
+            accelerator.num_processes,
+            getattr(dataset, "repeats", 1),
+            max(1, distinct // accelerator.num_processes),
+        )
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train.train_batch_size,

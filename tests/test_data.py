@@ -100,7 +100,19 @@ def test_a_wrong_column_lists_the_columns(tmp_path):
         build_image_source(config, columns=["text"])
     message = str(err.value)
     assert "data.caption_column: column 'text' not found" in message and "caption" in message and "image" in message
+    # the four readable images metadata.jsonl does not list are used without a caption (data.unlisted_images=use,
+    # the default), or left out with unlisted_images=skip: counted in the summary either way
     source = build_image_source(DataConfig(dataset=str(folder), caption_column="caption"), columns=["caption"])
+    assert sorted(source.get(i, np.random.default_rng(0))["caption"] for i in range(len(source))) == [
+        "",
+        "",
+        "",
+        "",
+        "a picture gray.png",
+        "a picture rgb.png",
+    ]
+    config = DataConfig(dataset=str(folder), caption_column="caption", unlisted_images="skip")
+    source = build_image_source(config, columns=["caption"])
     assert sorted(source.get(i, np.random.default_rng(0))["caption"] for i in range(len(source))) == [
         "a picture gray.png",
         "a picture rgb.png",

@@ -278,8 +278,10 @@ class DreamBooth(TextToImageMethod):
         self.instance_folder = folder
         data = dataclasses.replace(self.config.data, dataset=str(folder))
         not_images = non_image_files(folder)
-        records = load_records(data)
         columns = self.instance_columns()
+        # the columns asked for are checked line by line (captions only with use_captions: without them a caption
+        # that is a number or null is no concern of DreamBooth's)
+        records = load_records(data, columns=columns)
         for column in columns:
             if column not in records.column_names:
                 hint = (
