@@ -47,8 +47,9 @@ class LoraOptions:
         return self.alpha if self.alpha is not None else float(self.rank)
 
 
-def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: LoraOptions) -> None:
-    """Inject LoRA layers (peft) into the frozen UNet and, optionally, the text encoder; only they train."""
+def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, text_encoders: tuple[str, ...] = ()) -> None:
+    """Inject LoRA layers (peft) into the frozen UNet (`modules['unet']`) and, with train_text_encoder, into each
+    text encoder named in `text_encoders` (the family's: one for SD, two for SDXL); only they train."""
     unet_config = LoraConfig(
         r=options.rank,
         lora_alpha=options.lora_alpha,
@@ -57,28 +58,26 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, options: Lora
         target_modules=list(options.target_modules),
     )
     try:
-        unet.add_adapter(unet_config)
+        modules["unet"].add_adapter(unet_config)
     except ValueError as err:
         raise ConfigError(f"target_modules {options.target_modules} do not match UNet modules: {err}") from err
     if options.train_text_encoder:
         rank = options.text_encoder_rank or options.rank
-        text_encoder.add_adapter(
-            LoraConfig(
-                r=rank,
-                lora_alpha=options.lora_alpha * rank / options.rank,
-                lora_dropout=options.dropout,
-                init_lora_weights="gaussian",
-                target_modules=TEXT_ENCODER_ATTENTION,
+        for name in text_encoders:
+            modules[name].add_adapter(
+                LoraConfig(
+                    r=rank,
+                    lora_alpha=options.lora_alpha * rank / options.rank,
+                    lora_dropout=options.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=TEXT_ENCODER_ATTENTION,
+                )
             )
-        )
 
 
-def lora_state_dicts(unet, text_encoder) -> dict[str, dict[str, torch.Tensor]]:
-    """peft state dicts of the adapters present: {'unet': ..., 'text_encoder': ...}."""
-    out = {"unet": get_peft_model_state_dict(unet)}
-    if getattr(text_encoder, "peft_config", None):
-        out["text_encoder"] = get_peft_model_state_dict(text_encoder)
-    return out
+def with_adapters(modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.nn.Module]:
+    """The modules that carry a LoRA adapter, by component name."""
+    return {name: m for name, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
 
 
 def _metadata(module) -> dict | None:
@@ -89,35 +88,23 @@ def _metadata(module) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
 
 
-def save_lora(output_dir: Path, unet, text_encoder, pipeline_class=None) -> Path:
-    """pytorch_lora_weights.safetensors in the diffusers layout, with the LoRA configs (alpha) as metadata, so that
-    `pipe.load_lora_weights(output_dir)` restores the trained strength."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(output_dir: Path, modules: dict[str, torch.nn.Module | None], family, inpainting: bool = False) -> Path:
+    """pytorch_lora_weights.safetensors in the diffusers layout of the family's pipeline, with the LoRA configs
+    (alpha) as metadata, so that `pipe.load_lora_weights(output_dir)` restores the trained strength."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    pipeline_class = pipeline_class or StableDiffusionPipeline
-    states = lora_state_dicts(unet, text_encoder)
-    pipeline_class.save_lora_weights(
-        save_directory=str(output_dir),
-        unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(states["text_encoder"])
-        if "text_encoder" in states
-        else None,
-        unet_lora_adapter_metadata=_metadata(unet),
-        text_encoder_lora_adapter_metadata=_metadata(text_encoder) if "text_encoder" in states else None,
-        safe_serialization=True,
-    )
-    return Path(output_dir) / "pytorch_lora_weights.safetensors"
+    adapted = with_adapters(modules)
+    layers = {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(m)) for name, m in adapted.items()}
+    return family.save_lora(output_dir, layers, {name: _metadata(m) for name, m in adapted.items()}, inpainting)
 
 
-def kohya_state_dict(unet, text_encoder) -> dict[str, torch.Tensor]:
-    """kohya / WebUI keys (`lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), with each module's
-    alpha as trained. diffusers' own converter writes alpha = rank, which changes the strength when alpha != rank."""
+def kohya_state_dict(modules: dict[str, torch.nn.Module | None], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """kohya / WebUI keys (`lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders
+    `lora_te_` for SD, `lora_te1_`/`lora_te2_` for SDXL), with each module's alpha as trained. diffusers' own
+    converter writes alpha = rank, which changes the strength when alpha != rank."""
     out: dict[str, torch.Tensor] = {}
-    for prefix, module in (("lora_unet", unet), ("lora_te", text_encoder)):
-        config = getattr(module, "peft_config", {}).get("default")
-        if config is None:
-            continue
+    for component, module in with_adapters(modules).items():
+        prefix = prefixes[component]
         for name, layer in module.named_modules():
             if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
                 continue
@@ -129,7 +116,8 @@ def kohya_state_dict(unet, text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_kohya(output_dir: Path, unet, text_encoder) -> Path:
+def save_kohya(output_dir: Path, modules: dict[str, torch.nn.Module | None], family) -> Path:
     path = Path(output_dir) / KOHYA_FILE
-    save_file(kohya_state_dict(unet, text_encoder), str(path), metadata={"ss_network_module": "networks.lora"})
+    state = kohya_state_dict(modules, family.kohya_prefixes)
+    save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
     return path

@@ -102,17 +102,18 @@ def make_lora(folder: Path, base: Path, seed: int, **unet_changes) -> Path:
     from diffusers import UNet2DConditionModel
 
     from finetune.adapters import LoraOptions, add_lora, save_lora
+    from finetune.families import get_family
 
     config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"), **unet_changes)
     unet = UNet2DConditionModel.from_config(config)
-    add_lora(unet, None, LoraOptions(rank=4, alpha=4.0))
+    add_lora({"unet": unet}, LoraOptions(rank=4, alpha=4.0))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora(folder, unet, None)
+    save_lora(folder, {"unet": unet}, get_family("sd"))
     return folder
 
 

@@ -27,6 +27,7 @@ def make_lora(folder, base, seed: int, alpha: float = 4.0, text_encoder: bool = 
     from transformers import CLIPTextModel
 
     from finetune.adapters import LoraOptions, add_lora, save_kohya, save_lora
+    from finetune.families import get_family
 
     if unet_changes:
         config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"), **unet_changes)
@@ -34,7 +35,8 @@ def make_lora(folder, base, seed: int, alpha: float = 4.0, text_encoder: bool = 
     else:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder") if text_encoder else None
-    add_lora(unet, encoder, LoraOptions(rank=4, alpha=alpha, train_text_encoder=text_encoder))
+    modules = {"unet": unet, "text_encoder": encoder}
+    add_lora(modules, LoraOptions(rank=4, alpha=alpha, train_text_encoder=text_encoder), ("text_encoder",))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in (unet, encoder) if text_encoder else (unet,):
@@ -42,8 +44,8 @@ def make_lora(folder, base, seed: int, alpha: float = 4.0, text_encoder: bool = 
                 if "lora_" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora(folder, unet, encoder)
-    save_kohya(folder, unet, encoder)
+    save_lora(folder, modules, get_family("sd"))
+    save_kohya(folder, modules, get_family("sd"))
     return folder
 
 

@@ -119,6 +119,81 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
     return out_dir
 
 
+def _tiny_clip_config(tokenizer, hidden_size: int = TINY_TEXT_HIDDEN_SIZE):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=hidden_size,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Save an SDXL-shaped pipeline (~2M parameters, 64 px images) to ``out_dir``: two CLIP text encoders (the second
+    with a projection, whose pooled output joins the time ids in the UNet's `text_time` added embedding), the
+    penultimate hidden states of both concatenated as the cross-attention input, as in StableDiffusionXLPipeline."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tiny_clip_tokenizer()
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer))
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD_RESOLUTION // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=2 * TINY_TEXT_HIDDEN_SIZE,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # 6 time ids (original size, crop top-left, target size) + the pooled text embedding of encoder 2
+            projection_class_embeddings_input_dim=6 * time_embed_dim + TINY_TEXT_HIDDEN_SIZE,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=TINY_SD_RESOLUTION,
+        )
+    scheduler = EulerDiscreteScheduler(
+        **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")},
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=load_tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def make_tiny_unet2d(resolution: int = 8, channels: int = 1, num_class_embeds: int | None = None, seed: int = 0):
     """A tiny pixel-space UNet2DModel ((16, 32) channels, no attention), optionally with class embeddings; built from
     its own seed without touching the global RNG."""

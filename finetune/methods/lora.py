@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.adapters import LoraOptions, add_lora, save_kohya, save_lora
+from finetune.families import get_family
 from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
 
 
@@ -45,7 +46,7 @@ class LoraTextToImage(TextToImageMethod):
     Options = LoraTrainingOptions
 
     def configure_trainable(self) -> None:
-        add_lora(self.unet, self.text_encoder, self.options)
+        add_lora({"unet": self.unet, "text_encoder": self.text_encoder}, self.options, ("text_encoder",))
 
     def default_prompt(self) -> str:
         captions = self.all_captions()
@@ -53,9 +54,9 @@ class LoraTextToImage(TextToImageMethod):
 
     def save(self, output_dir: Path) -> None:
         unet, text_encoder = self.unwrap(self.unet), self.unwrap(self.text_encoder)
-        save_lora(output_dir, unet, text_encoder)
+        save_lora(output_dir, {"unet": unet, "text_encoder": text_encoder}, get_family("sd"))
         if self.options.export_kohya:
-            save_kohya(output_dir, unet, text_encoder)
+            save_kohya(output_dir, {"unet": unet, "text_encoder": text_encoder}, get_family("sd"))
 
     def card(self) -> dict[str, Any]:
         return lora_card(self)

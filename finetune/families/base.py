@@ -1,0 +1,201 @@
+"""What a model family is: the components of its pipeline folder and how they load, text -> conditioning, the
+denoiser call, the pipeline classes, and the layout of LoRA weights and embeddings.
+
+The text-to-image methods (`finetune.stable_diffusion.TextToImageMethod` and the methods on it) only talk to this
+interface, so a new family is one file with one subclass and its recipes. A family holds no state: the components it
+loads live on the method (which the training loop prepares and wraps), and are handed back to the family as a
+mapping `parts` (component name -> module) when it encodes text, calls the denoiser or builds a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from finetune.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+MODEL_KEY = "model.pretrained_model_name_or_path"
+
+
+def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
+    """model_index.json's `_class_name` of a local folder or a Hub id (from the Hub cache when offline); None when
+    the file cannot be read, which the component loaders then report with their own clear message."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            return None
+        try:
+            return json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text()).get(
+            "_class_name"
+        )
+    except Exception:  # noqa: BLE001 - offline, no such repo: the loaders say which, with the fix
+        return None
+
+
+class Family:
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    # model_index.json `_class_name`s of this family's pipeline folders (text-to-image, inpainting, img2img)
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    text_to_image_pipeline: ClassVar[str]
+    inpainting_pipeline: ClassVar[str | None] = None
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # kohya / WebUI key prefix of each LoRA'd component (lora_unet_..., lora_te_...)
+    kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    # textual inversion file: text encoder -> key of its embedding (None: one encoder, `{token: tensor}` as diffusers'
+    # textual_inversion.py writes it)
+    embedding_keys: ClassVar[dict[str, str] | None] = None
+    default_model: ClassVar[str]
+
+    # -- loading -----------------------------------------------------------------------------------------------------
+    def load(self, config: Config) -> dict[str, Any]:
+        """Every component of the base pipeline: tokenizers, text encoders, vae, unet and the training noise
+        scheduler (`noise_scheduler`). Weights load from safetensors only unless model.allow_pickle is set."""
+        raise NotImplementedError
+
+    @staticmethod
+    def load_part(config: Config, name: str, load) -> Any:
+        """Call `load()` for component `name`; a failure becomes one line naming the path, the part and the fix."""
+        from finetune.preflight import describe_load_error
+
+        model = config.model
+        pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
+        try:
+            return load()
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, hub errors: one line each
+            path = str(model.vae if name == "vae" and model.vae else model.pretrained_model_name_or_path)
+            raise ConfigError(describe_load_error(err, path, MODEL_KEY, name, pickle_hint)) from err
+
+    @staticmethod
+    def weight_kwargs(config: Config) -> dict[str, Any]:
+        model = config.model
+        return dict(
+            revision=model.revision, variant=model.variant, use_safetensors=None if model.allow_pickle else True
+        )
+
+    def load_vae_unet_scheduler(self, config: Config) -> dict[str, Any]:
+        """The parts every latent-diffusion family shares: the VAE (or model.vae), the UNet and a DDPM noise
+        scheduler from the folder's scheduler config (its betas and prediction type)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        model, path, weights = config.model, config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
+        if model.vae:
+            vae = self.load_part(config, "vae", lambda: AutoencoderKL.from_pretrained(model.vae, **weights))
+        else:
+            vae = self.load_part(
+                config, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+            )
+        parts = {
+            "vae": vae,
+            "unet": self.load_part(
+                config, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+            ),
+            "noise_scheduler": self.load_part(
+                config,
+                "scheduler",
+                lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=model.revision),
+            ),
+        }
+        if config.diffusion.prediction_type is not None:
+            parts["noise_scheduler"].register_to_config(prediction_type=config.diffusion.prediction_type)
+        return parts
+
+    def load_clip_tokenizer(self, config: Config, subfolder: str, text_encoder):
+        from transformers import CLIPTokenizer
+
+        path, revision = config.model.pretrained_model_name_or_path, config.model.revision
+        tokenizer = self.load_part(
+            config, subfolder, lambda: CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
+        )
+        if tokenizer.model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
+            tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+        return tokenizer
+
+    def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the frozen VAE runs in (the mixed-precision one unless the family's VAE cannot take it)."""
+        return weight_dtype
+
+    # -- text --------------------------------------------------------------------------------------------------------
+    def tokenize(self, tokenizer, texts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Conditioning of each text, as tensors with the batch first (the latent cache stores one row of each)."""
+        raise NotImplementedError
+
+    # -- the denoiser ------------------------------------------------------------------------------------------------
+    def denoise(
+        self,
+        unet: torch.nn.Module,
+        model_input: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- pipelines and files -----------------------------------------------------------------------------------------
+    def pipeline_class(self, inpainting: bool = False):
+        import diffusers
+
+        name = self.inpainting_pipeline if inpainting else self.text_to_image_pipeline
+        if name is None:
+            raise ConfigError(f"the {self.name} family has no inpainting pipeline")
+        return getattr(diffusers, name)
+
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
+        """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler."""
+        raise NotImplementedError
+
+    def save_lora(
+        self,
+        output_dir: Path,
+        layers: dict[str, dict[str, torch.Tensor]],
+        metadata: dict[str, dict | None],
+        inpainting: bool = False,
+    ) -> Path:
+        """`pytorch_lora_weights.safetensors` in the layout the family's pipeline `load_lora_weights` reads:
+        `layers`/`metadata` map a component (unet, text_encoder, text_encoder_2) to its diffusers-keyed LoRA state
+        and its peft config (alpha)."""
+        kwargs = {}
+        for component, state in layers.items():
+            kwargs[f"{component}_lora_layers"] = state
+            kwargs[f"{component}_lora_adapter_metadata"] = metadata.get(component)
+        self.pipeline_class(inpainting).save_lora_weights(
+            save_directory=str(output_dir), safe_serialization=True, **kwargs
+        )
+        return Path(output_dir) / "pytorch_lora_weights.safetensors"
+
+    def check_folder(self, config: Config) -> None:
+        """A local folder has every component subfolder this family loads (the message lists what is missing)."""
+        local = Path(str(config.model.pretrained_model_name_or_path)).expanduser()
+        if not local.is_dir():
+            return
+        wanted = [*self.tokenizers, *self.text_encoders, "unet", "scheduler"] + ([] if config.model.vae else ["vae"])
+        missing = [name for name in wanted if not (local / name).is_dir()]
+        if missing:
+            raise ConfigError(
+                f"{MODEL_KEY}: {str(local)!r} is not a complete {self.text_to_image_pipeline} folder: missing "
+                f"{', '.join(missing)} (expected subfolders: {', '.join(wanted)})"
+            )
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel: 2 ** (VAE levels - 1), as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

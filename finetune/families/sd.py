@@ -1,0 +1,58 @@
+"""Stable Diffusion 1.x / 2.x (Rombach et al. 2022): one CLIP text encoder whose last hidden states condition a
+UNet2DConditionModel through cross-attention; DDPM noise objective (epsilon, or v for 2.x 768 px)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.config import Config
+from finetune.families.base import Family
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    summary = "Stable Diffusion 1.x / 2.x (CLIP text encoder, UNet, DDPM objective)"
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionImg2ImgPipeline",
+    )
+    text_to_image_pipeline = "StableDiffusionPipeline"
+    inpainting_pipeline = "StableDiffusionInpaintPipeline"
+    default_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+    def load(self, config: Config) -> dict[str, Any]:
+        from transformers import CLIPTextModel
+
+        self.check_folder(config)
+        path, weights = config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
+        text_encoder = self.load_part(
+            config, "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        )
+        return {
+            "tokenizer": self.load_clip_tokenizer(config, "tokenizer", text_encoder),
+            "text_encoder": text_encoder,
+            **self.load_vae_unet_scheduler(config),
+        }
+
+    def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        ids = self.tokenize(parts["tokenizer"], texts).to(device)
+        return {"prompt_embeds": parts["text_encoder"](ids)[0]}
+
+    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
+        return unet(model_input, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
+
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
+        return self.pipeline_class(inpainting)(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )

@@ -1,0 +1,95 @@
+"""Stable Diffusion XL (Podell et al. 2023): two CLIP text encoders (CLIP ViT-L and OpenCLIP ViT-bigG, the second
+with a projection), their penultimate hidden states concatenated as the UNet's cross-attention input, and the
+second one's pooled embedding joined with six "micro-conditioning" time ids (original size, crop top-left, target
+size; Podell et al. 2023, section 2.2) in the UNet's added `text_time` embedding. DDPM noise objective."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.config import Config
+from finetune.families.base import Family
+
+
+def add_time_ids(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning of each example: (original h, w, crop top, left, target h, w), from the sizes the
+    data layer recorded when it resized and cropped the image (Podell et al. 2023, eq. in section 2.2)."""
+    sizes = [batch["original_size"], batch["crop_top_left"], batch["target_size"]]
+    return torch.cat([torch.as_tensor(s).reshape(-1, 2) for s in sizes], dim=1).to(device, dtype)
+
+
+class StableDiffusionXL(Family):
+    name = "sdxl"
+    summary = "Stable Diffusion XL (two CLIP text encoders, UNet with size/crop conditioning, DDPM objective)"
+    pipeline_classes = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+    )
+    text_to_image_pipeline = "StableDiffusionXLPipeline"
+    inpainting_pipeline = "StableDiffusionXLInpaintPipeline"
+    tokenizers = ("tokenizer", "tokenizer_2")
+    text_encoders = ("text_encoder", "text_encoder_2")
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    default_model = "stabilityai/stable-diffusion-xl-base-1.0"
+
+    def load(self, config: Config) -> dict[str, Any]:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        self.check_folder(config)
+        path, weights = config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
+        text_encoder = self.load_part(
+            config, "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        )
+        text_encoder_2 = self.load_part(
+            config,
+            "text_encoder_2",
+            lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
+        )
+        return {
+            "tokenizer": self.load_clip_tokenizer(config, "tokenizer", text_encoder),
+            "tokenizer_2": self.load_clip_tokenizer(config, "tokenizer_2", text_encoder_2),
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+            **self.load_vae_unet_scheduler(config),
+        }
+
+    def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
+        # SDXL's own VAE overflows to NaN in fp16; a VAE fixed for it (model.vae=madebyollin/sdxl-vae-fp16-fix) runs
+        # in fp16, bf16 has fp32's range
+        if weight_dtype == torch.float16 and not config.model.vae:
+            return torch.float32
+        return weight_dtype
+
+    def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer_name, encoder_name in zip(self.tokenizers, self.text_encoders):
+            ids = self.tokenize(parts[tokenizer_name], texts).to(device)
+            output = parts[encoder_name](ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # the second encoder's projected pooled embedding, as the pipeline takes it
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
+        pooled = conditioning["pooled_prompt_embeds"]
+        added = {"text_embeds": pooled, "time_ids": add_time_ids(batch, model_input.device, pooled.dtype)}
+        return unet(
+            model_input, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], added_cond_kwargs=added
+        ).sample
+
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
+        extra = {"requires_aesthetics_score": False} if inpainting else {}
+        return self.pipeline_class(inpainting)(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer=parts["tokenizer"],
+            tokenizer_2=parts["tokenizer_2"],
+            unet=parts["unet"],
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            **extra,
+        )
