@@ -118,11 +118,20 @@ def write_probe(folder: Path) -> None:
     target.unlink()
 
 
-def check_output_folder(folder: str | Path, key: str, probe: bool = True) -> Path:
-    """Resolve `folder`, create it if missing and make sure files can be created in it. Returns the resolved path.
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
-    `probe` creates and removes one empty file (the only check that sees a read-only mount or an ACL as root does);
-    other ranks of a launch only ask os.access, so that no probe file is ever seen by the main rank's emptiness check.
+
+def check_output_folder(folder: str | Path, key: str, probe: bool = True) -> Path:
+    """Resolve `folder` and make sure it can be written, or created when missing, without creating it: a run that
+    stops at a later check leaves nothing behind. Returns the resolved path.
+
+    `probe` creates and removes one empty file in the folder (or in its closest existing ancestor): the only check
+    that sees a read-only mount or an ACL as root does. Other ranks of a launch only ask os.access, so that no probe
+    file is ever seen by the main rank's emptiness check.
     """
     shown = str(folder)
     try:
@@ -132,24 +141,24 @@ def check_output_folder(folder: str | Path, key: str, probe: bool = True) -> Pat
         raise ConfigError(f"{key}: cannot resolve the folder {shown!r} ({why}); choose another folder") from None
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key}: {shown!r} is a file, not a folder; choose a folder name")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    existing = nearest_existing(path)
+    if not existing.is_dir():
         raise ConfigError(
-            f"{key}: cannot create the folder {shown!r} ({_reason(err)}); choose a folder you can write to"
-        ) from None
+            f"{key}: cannot create the folder {shown!r}: {str(existing)!r} is a file; choose another folder"
+        )
+    verb = "write in" if existing == path else "create"
     if probe:
         try:
-            write_probe(path)
+            write_probe(existing)
         except OSError as err:
             raise ConfigError(
-                f"{key}: cannot write in the folder {shown!r} ({_reason(err)}); choose another folder or fix its "
+                f"{key}: cannot {verb} the folder {shown!r} ({_reason(err)}); choose another folder or fix the "
                 "permissions"
             ) from None
-    elif not os.access(path, os.W_OK | os.X_OK):
+    elif not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"{key}: cannot write in the folder {shown!r} (permission denied or a read-only file system); choose "
-            "another folder or fix its permissions"
+            f"{key}: cannot {verb} the folder {shown!r} (permission denied or a read-only file system); choose "
+            "another folder or fix the permissions"
         )
     return path
 
@@ -157,7 +166,7 @@ def check_output_folder(folder: str | Path, key: str, probe: bool = True) -> Pat
 def check_free_space(folder: Path, needed: int, key: str, why: str = "") -> None:
     """Refuse when the free space is clearly too small: less than `needed` (a lower bound) or MIN_FREE_BYTES."""
     try:
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(nearest_existing(Path(folder))).free
     except OSError:
         return  # a file system that cannot say: the writes will tell
     needed = max(int(needed), MIN_FREE_BYTES)

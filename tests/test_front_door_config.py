@@ -323,16 +323,25 @@ def test_unwritable_output_folder_is_reported_before_the_model(tmp_path, capsys,
     out = tmp_path / "out"
     code, line = run_main(capsys, *ddpm_args(tmp_path, tmp_path / "no-model"))
     assert code == 2
-    assert f"train.output_dir: cannot write in the folder '{out}' ({reason}" in line
+    assert f"train.output_dir: cannot create the folder '{out}' ({reason}" in line
     assert "no-model" not in line, "the output folder is checked before the model path"
+    out.mkdir()
+    code, line = run_main(capsys, *ddpm_args(tmp_path, tmp_path / "no-model"))
+    assert code == 2 and f"train.output_dir: cannot write in the folder '{out}' ({reason}" in line
 
 
 def test_output_folder_under_a_file_cannot_be_created(tmp_path, capsys):
     (tmp_path / "a-file").write_text("mine")
     args = ddpm_args(tmp_path, tmp_path / "no-model") + [f"train.output_dir={tmp_path / 'a-file' / 'run'}"]
     code, line = run_main(capsys, *args)
-    assert code == 2 and "train.output_dir: cannot create the folder" in line
+    assert code == 2 and "train.output_dir: cannot create the folder" in line and "is a file" in line
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_a_run_stopped_by_a_check_leaves_no_output_folder(tmp_path, capsys):
+    code, _ = run_main(capsys, *ddpm_args(tmp_path, tmp_path / "no-model"))
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"], "no probe file is left behind"
 
 
 def test_not_enough_free_space_prints_both_numbers(tmp_path, capsys, monkeypatch):
