@@ -823,8 +823,8 @@ class ImageRecords(torch.utils.data.Dataset):
             except Exception as err:  # noqa: BLE001 - any failure to read a file that was readable at start
                 self.failed_rows.add(row)
                 logger.warning(
-                    "data: %s cannot be read any more (%s: %s): it was readable at start; another image of the "
-                    "dataset takes its place from now on",
+                    "data: %s cannot be read any more (%s: %s): deleted or damaged since the start? Another image "
+                    "of the dataset takes its place from now on",
                     _describe(self.image_sources[row], row),
                     type(err).__name__,
                     err,
