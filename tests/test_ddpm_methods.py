@@ -133,3 +133,19 @@ def test_evaluation_is_logged_during_training_with_its_baseline(tmp_path, monkey
         for key in ("digits_fd", "digits_kid_mean", "digits_class_accuracy"):
             assert np.isfinite(metrics[key]) and np.isfinite(metrics[f"{key}_baseline"])
         assert metrics["digits_fd"] > metrics["digits_fd_baseline"], "4 steps of training are far from real digits"
+
+
+def test_a_label_outside_num_classes_is_refused_at_start_naming_the_file(tmp_path):
+    import json
+
+    from finetune.config import ConfigError
+    from tests.tiny_models import make_test_images
+
+    folder = tmp_path / "labelled"
+    paths = make_test_images(folder, 4, size=16)
+    labels = [0, 1, 12, 3]
+    lines = [json.dumps({"file_name": p.name, "label": label}) for p, label in zip(paths, labels)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = tiny_ddpm_recipe(tmp_path / "run", method="class_conditional", data={"dataset": str(folder)})
+    with pytest.raises(ConfigError, match=rf"label 12 of .*{paths[2].name} is outside \[0, 10\)"):
+        run_training(recipe)

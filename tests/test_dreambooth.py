@@ -195,8 +195,12 @@ def test_missing_trigger_and_bad_options_fail_before_models_load(tiny_sd_dir, in
         load_config(base, ["dreambooth.with_prior_preservation=true", "dreambooth.class_prompt=a photo of sks"])
     with pytest.raises(ConfigError, match="instance_data_dir is required"):
         load_config({**base, "dreambooth": {"instance_prompt": PROMPT}})
-    with pytest.raises(ConfigError, match="instance_data_dir: the folder .* does not exist"):
+    # the model path is checked first (it is cheap); with a real model, a missing instance folder is reported next
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path: the folder .* does not exist"):
         run_training(base, f"dreambooth.instance_data_dir={tmp_path / 'nothing'}")
+    existing_model = recipe(tiny_sd_dir, instance_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match="instance_data_dir: the folder .* does not exist"):
+        run_training(existing_model, f"dreambooth.instance_data_dir={tmp_path / 'nothing'}")
 
 
 def test_non_images_in_the_instance_folder_are_skipped_and_counted(tiny_sd_dir, tmp_path, caplog):

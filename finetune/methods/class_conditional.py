@@ -53,7 +53,19 @@ class ClassConditionalDDPM(UnconditionalDDPM):
     def build_source(self):
         if self.config.data.dataset == "digits":
             return build_image_source(self.config.data)
-        return build_image_source(self.config.data, columns=[self.config.data.label_column])
+        column = self.config.data.label_column
+        source = build_image_source(self.config.data, columns=[column])
+        # every label in range, checked now rather than when the example is first drawn hours into training
+        for row in getattr(source, "indices", []):
+            label = source.column_values[column][row]
+            if not 0 <= int(label) < self.options.num_classes:
+                name = source.image_sources[row]
+                name = name.get("path") if isinstance(name, dict) else name
+                raise ConfigError(
+                    f"data.label_column: label {label} of {name or f'row {row}'} is outside [0, "
+                    f"{self.options.num_classes}); set class_conditional.num_classes or fix the label"
+                )
+        return source
 
     def transform_example(self, example: dict, rng) -> dict:
         label = int(example.pop(self.config.data.label_column, example.get("label")))
