@@ -38,6 +38,7 @@ from finetune.errors import RunError
 
 logger = logging.getLogger(__name__)
 
+EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 DETAIL_LINES = 20  # problems logged one by one at WARNING; past this many, at INFO (the summary has the count)
@@ -72,6 +73,38 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+def crop_geometry(
+    size: tuple[int, int], resolution: int, rng: np.random.Generator, center_crop: bool = True
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where an image of `size` (w, h) is cut: the size it is resized to (short side = resolution) and the crop's
+    (left, top) in it. Random crops draw from `rng` exactly as they always have (left, then top)."""
+    width, height = size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if center_crop:
+        left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+    else:
+        left = int(rng.integers(0, new_size[0] - resolution + 1))
+        top = int(rng.integers(0, new_size[1] - resolution + 1))
+    return new_size, (left, top)
+
+
+def size_conditioning(
+    size: tuple[int, int], new_size: tuple[int, int], corner: tuple[int, int], resolution: int, flipped: bool
+) -> dict[str, torch.Tensor]:
+    """What SDXL's micro-conditioning needs of an example (Podell et al. 2023, section 2.2): the original (h, w), the
+    crop's (top, left) in the resized image (mirrored when the crop is flipped, as the diffusers SDXL script does),
+    and the target (h, w)."""
+    left, top = corner
+    if flipped:
+        left = new_size[0] - left - resolution
+    return {
+        "original_size": torch.tensor([size[1], size[0]]),
+        "crop_top_left": torch.tensor([top, left]),
+        "target_size": torch.tensor([resolution, resolution]),
+    }
+
+
 def image_to_tensor(
     image: Image.Image,
     resolution: int,
@@ -79,26 +112,23 @@ def image_to_tensor(
     rng: np.random.Generator,
     center_crop: bool = True,
     random_flip: bool = False,
+    sizes: dict | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """Resize the short side to `resolution`, crop a square, maybe flip; return ([C, R, R] in [-1, 1], flipped)."""
+    """Resize the short side to `resolution`, crop a square, maybe flip; return ([C, R, R] in [-1, 1], flipped).
+    With a dict as `sizes`, it receives the example's size conditioning (`size_conditioning`)."""
     image = to_mode(image, channels)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    original = image.size
+    new_size, (left, top) = crop_geometry(original, resolution, rng, center_crop)
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BICUBIC)
-    width, height = image.size
-    if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    else:
-        left = int(rng.integers(0, width - resolution + 1))
-        top = int(rng.integers(0, height - resolution + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
     flipped = bool(random_flip and rng.random() < 0.5)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
     if flipped:
         tensor = tensor.flip(-1)
+    if sizes is not None:
+        sizes.update(size_conditioning(original, new_size, (left, top), resolution, flipped))
     return tensor.contiguous(), flipped
 
 
@@ -106,8 +136,9 @@ class ImageTooLarge(ValueError):
     """An image over data.max_image_pixels that cannot be decoded at a reduced scale; it is skipped, never decoded."""
 
 
-def open_image(source: Any, max_pixels: int | None = None) -> Image.Image:
-    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad).
+def open_image(source: Any, max_pixels: int | None = None, header: bool = False) -> Image.Image:
+    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad);
+    with `header`, only opened (its size known, nothing decoded).
 
     An image over `max_pixels` raises ImageTooLarge before decoding, unless it is a JPEG that decodes at 1/2, 1/4 or
     1/8 scale under the limit (`Image.draft`: the DCT does the reduction, the full image never exists).
@@ -127,7 +158,8 @@ def open_image(source: Any, max_pixels: int | None = None) -> Image.Image:
     try:
         if max_pixels is not None:
             fit_pixel_limit(image, max_pixels)
-        image.load()  # decode now: truncated files fail here rather than in the training loop
+        if not header:
+            image.load()  # decode now: truncated files fail here rather than in the training loop
     except BaseException:
         image.close()
         raise
@@ -715,6 +747,7 @@ class ImageRecords(torch.utils.data.Dataset):
         self.too_large: list[tuple[int, str, str]] = []
         self.failed_rows: set[int] = set()  # rows that could not be read during training (replaced, see get)
         self.decode_pixels = True  # False once a latent cache holds every image: get() then returns no pixels
+        self.image_sizes: dict[int, tuple[int, int]] = {}  # (w, h) of each row once seen (size conditioning)
         if config.verify_images:
             found = find_unreadable_images(
                 [self.image_sources[i] for i in self.indices], max_pixels=config.max_image_pixels
@@ -834,10 +867,22 @@ class ImageRecords(torch.utils.data.Dataset):
             "damaged during training); restore them and resume with checkpoint.resume_from_checkpoint=latest"
         )
 
+    def image_size(self, row: int) -> tuple[int, int]:
+        """(w, h) of a row's image as decoded (JPEGs over max_image_pixels decode reduced), from its header when it
+        has not been decoded in this process (a latent cache read from disk)."""
+        if row not in self.image_sizes:
+            with open_image(self.image_sources[row], self.config.max_image_pixels, header=True) as image:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # to_mode's exif_transpose turns it
+                    width, height = height, width
+            self.image_sizes[row] = (width, height)
+        return self.image_sizes[row]
+
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
         if self.decode_pixels:
             row, image = self.open_row(index)
+            sizes: dict[str, torch.Tensor] = {}
             pixels, flipped = image_to_tensor(
                 image,
                 self.config.resolution,
@@ -845,12 +890,22 @@ class ImageRecords(torch.utils.data.Dataset):
                 rng,
                 self.config.center_crop,
                 self.config.random_flip,
+                sizes,
             )
-            example = {"pixel_values": pixels, "flipped": flipped, "row": row}
+            self.image_sizes[row] = image.size
+            example = {"pixel_values": pixels, "flipped": flipped, "row": row, **sizes}
         else:  # cached latents (center crops only): the same draws as image_to_tensor, no image work
             if row in self.failed_rows:  # it failed while the cache was built: its stand-in's latents are there
                 row = next(r for r in self.indices[index:] + self.indices[:index] if r not in self.failed_rows)
-            example = {"flipped": bool(self.config.random_flip and rng.random() < 0.5), "row": row}
+            flipped = bool(self.config.random_flip and rng.random() < 0.5)
+            size = self.image_size(row)
+            resolution = self.config.resolution
+            new_size, corner = crop_geometry(size, resolution, rng, center_crop=True)
+            example = {
+                "flipped": flipped,
+                "row": row,
+                **size_conditioning(size, new_size, corner, resolution, flipped),
+            }
         example.update({c: self.column_values[c][row] for c in self.columns})
         return example
 
@@ -881,7 +936,9 @@ class DigitsRecords(torch.utils.data.Dataset):
         flipped = bool(self.config.random_flip and rng.random() < 0.5)
         if flipped:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "flipped": flipped, "row": index, "label": int(self.labels[index])}
+        resolution = self.config.resolution
+        sizes = size_conditioning((resolution, resolution), (resolution, resolution), (0, 0), resolution, flipped)
+        return {"pixel_values": pixels, "flipped": flipped, "row": index, "label": int(self.labels[index]), **sizes}
 
 
 class TrainingExamples(torch.utils.data.Dataset):
