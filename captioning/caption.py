@@ -23,13 +23,14 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from finetune.atomic import atomic_write_text, reporting_write_errors
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 METADATA_FILENAME = "metadata.jsonl"
@@ -41,6 +42,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 METADATA_FILENAMES = frozenset({"metadata.jsonl", "metadata.csv", "metadata.parquet"})
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 DECODING_CHOICES = ("beam", "sample")
+
+
+# what to do after a write failed: the captions written so far are kept, and a new run captions only the rest
+RERUN = "run the command again (captions written so far are kept)"
 
 
 class CaptioningError(RuntimeError):
@@ -274,16 +279,18 @@ class PartFileWriter:
     """Append-only JSON-lines file of one process; every batch is flushed and fsynced before the next starts."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_last_line(path)
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close(), lives across batches
+        with reporting_write_errors(path, RERUN):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_last_line(path)
+            self.path = path
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close(), lives across batches
 
     def append(self, records: list[dict]) -> None:
         # One write per batch, so an interruption leaves at most one partial line, at the end.
-        self._file.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with reporting_write_errors(self.path, RERUN):
+            self._file.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
@@ -300,25 +307,9 @@ def _drop_partial_last_line(path: Path) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old or the new file, never a half-written one."""
-    file_descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8") as temporary_file:
-            temporary_file.write(text)
-            temporary_file.flush()
-            os.fsync(temporary_file.fileno())
-        # mkstemp creates the file readable by its owner only; give it the permissions a plain write would.
-        os.chmod(temporary_name, path.stat().st_mode & 0o7777 if path.exists() else _default_file_mode())
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    """Write ``text`` to ``path`` so that readers see either the old or the new file, never a half-written one (the
+    file keeps its permissions); a full disk or a read-only folder is a RunError naming the file."""
+    atomic_write_text(path, text, then=RERUN)
 
 
 def merge_into_metadata(

@@ -1,4 +1,7 @@
-"""What a run leaves behind besides the model: sample grids, the loss curve, the model card, the Hub upload."""
+"""What a run leaves behind besides the model: sample grids, the loss curve, the model card, the log, the Hub upload.
+
+Every file here is written atomically (`finetune.atomic`): under its final name it is complete or absent.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from finetune import atomic
+from finetune.errors import RunError
+
 logger = logging.getLogger(__name__)
 
 # files a run writes as it starts; a folder holding only these belongs to a run that died before its first checkpoint
-# (class_images: prior-preservation images a DreamBooth run generates before training, kept when it is restarted)
-RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_images"}
+# (class_images: prior-preservation images a DreamBooth run generates before training, kept when it is restarted;
+# .cache: the disk cache of latents, written before training too)
+RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_images", ".cache"}
 HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
 
 
@@ -31,25 +38,25 @@ def image_grid(images: list[Image.Image], columns: int | None = None, gap: int =
     return grid
 
 
-def save_grid(images: list[Image.Image], path: Path, min_cell: int = 64, columns: int | None = None) -> Path:
+def save_grid(
+    images: list[Image.Image], path: Path, min_cell: int = 64, columns: int | None = None, then: str = "run again"
+) -> Path:
     """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if images[0].width < min_cell:
         factor = math.ceil(min_cell / images[0].width)
         images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
     grid = image_grid(images, columns)
-    grid.save(path)
+    with atomic.atomic_path(path, then=then) as temporary:
+        grid.save(temporary, format="PNG")
     return path
 
 
-def write_loss_curve(log_path: Path, png_path: Path) -> Path | None:
+def write_loss_curve(log_path: Path, png_path: Path, then: str = "run again") -> Path | None:
     """Plot the logged loss (raw and smoothed) against the step."""
-    if not log_path.is_file():
-        return None
     steps, losses = [], []
-    for line in log_path.read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
+    for record in read_log(log_path):
+        if "loss" in record and "step" in record:
             steps.append(record["step"])
             losses.append(record["loss"])
     if not steps:
@@ -72,13 +79,58 @@ def write_loss_curve(log_path: Path, png_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+    try:
+        with atomic.atomic_path(png_path, then=then) as temporary:
+            fig.savefig(temporary, format="png")
+    finally:
+        plt.close(fig)
     return png_path
 
 
-def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_options: dict, steps: int) -> Path:
-    """README.md with Hub metadata: base model, method, data, hyperparameters, usage snippet, sample grid."""
+def read_log(log_path: Path) -> list[dict]:
+    """The records of train_log.jsonl; a line that does not parse (cut by a kill mid-append) is skipped."""
+    if not log_path.is_file():
+        return []
+    records = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def truncate_log(log_path: Path, step: int) -> int:
+    """Drop the records after `step` (written by a run that was killed after its last checkpoint, and about to be
+    written again by the resumed run) and unparsable lines, so the log reads as one run. Rewrites the file atomically
+    when something is dropped; returns the number of lines dropped."""
+    if not log_path.is_file():
+        return 0
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        atomic.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        logger.info(
+            "%s: dropped %d line(s) after step %d, written before the run was interrupted", log_path, dropped, step
+        )
+    return dropped
+
+
+def write_model_card(
+    output_dir: Path, config, facts: dict[str, Any], method_options: dict, steps: int, then: str = "run again"
+) -> Path:
+    """README.md with Hub metadata: base model, method, data, hyperparameters, usage snippet, sample grid. Written
+    last by a run: a folder with it holds a finished model."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = facts.get("base_model") or config.model.pretrained_model_name_or_path
@@ -134,7 +186,8 @@ def write_model_card(output_dir: Path, config, facts: dict[str, Any], method_opt
         lines += ["", f"![validation]({image})"]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
     path = output_dir / "README.md"
-    card.save(path)
+    with atomic.atomic_path(path, then=then) as temporary:
+        card.save(temporary)
     return path
 
 
@@ -151,7 +204,8 @@ def _without_token(text: str) -> str:
 
 
 def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> str | None:
-    """Upload the output folder without checkpoints; a failed push is logged and never touches local files."""
+    """Upload the output folder without checkpoints; a failed push is logged, never touches local files, and returns
+    None (the caller decides that the job failed: see `push_failed_error`)."""
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = repo_id or output_dir.name
@@ -165,13 +219,29 @@ def push_output_folder(output_dir: Path, repo_id: str | None, private: bool) -> 
         )
     except Exception as err:  # noqa: BLE001 - the local output is the result; the push is a copy
         logger.error(
-            "push to the Hub (%s) failed: %s. The output stays in %s; push it later with `hf upload %s %s`.",
+            "push to the Hub (%s) failed: %s. The output stays in %s; push it later with `%s`.",
             repo_id,
             _without_token(f"{type(err).__name__}: {err}"),
             output_dir,
-            repo_id,
-            output_dir,
+            push_command(output_dir, repo_id),
         )
         return None
     logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo.repo_id)
     return repo.repo_id
+
+
+def push_failed_error(output_dir: Path, repo_id: str | None) -> RunError:
+    """The error a job ends with when everything local is saved but the push did not go through (never the token)."""
+    repo_id = repo_id or output_dir.name
+    return RunError(
+        f"the model is saved in {output_dir}, but the push to the Hub ({repo_id}) failed (see the log above); push it "
+        f"later with `{push_command(output_dir, repo_id)}`"
+    )
+
+
+def push_command(output_dir: Path, repo_id: str) -> str:
+    """The `hf upload` command that uploads what push_output_folder would (checkpoints, logs and caches left out)."""
+    import shlex
+
+    excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in HUB_IGNORE_PATTERNS)
+    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(output_dir))} . {excludes}"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune import diffusion
+from finetune import atomic, diffusion
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
 from finetune.methods.base import DenoisingMethod, eval_mode
@@ -113,9 +113,9 @@ class LatentCache:
         tensors = {f"m/{row}/{int(flip)}": t.contiguous() for (row, flip), t in self.moments.items()}
         texts = sorted(self.text)
         tensors.update({f"t/{i}": self.text[text].contiguous() for i, text in enumerate(texts)})
-        staging = path.with_suffix(".tmp")
-        save_file(tensors, str(staging), metadata={"fingerprint": fingerprint, "texts": json.dumps(texts)})
-        staging.replace(path)
+        then = "run the training again, or keep the cache in memory (<method>.cache=memory)"
+        with atomic.atomic_path(path, then=then) as staging:  # a killed job never leaves half a cache to load
+            save_file(tensors, str(staging), metadata={"fingerprint": fingerprint, "texts": json.dumps(texts)})
 
     @classmethod
     def load(cls, path: Path, fingerprint: str) -> LatentCache | None:

@@ -153,24 +153,31 @@ def generate(
 
 
 def _write_new(path_for, image: Image.Image, start: int, info: PngInfo | None = None) -> Path:
-    """Save to the first path_for(n), n >= start, that does not exist yet (exclusive create: never overwrites)."""
+    """Save to the first path_for(n), n >= start, that does not exist yet: written under a temporary name and linked
+    to its own only when complete and only if that name is still free (never overwrites, never half an image)."""
+    from finetune.atomic import atomic_path
+
     n = start
     while True:
         path = path_for(n)
-        try:
-            with open(path, "xb") as handle:
-                image.save(handle, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            n += 1
+        if not path.exists():
+            try:
+                with atomic_path(path, overwrite=False) as temporary:
+                    image.save(temporary, format="PNG", pnginfo=info)
+                return path
+            except FileExistsError:
+                pass  # another process took the name meanwhile
+        n += 1
 
 
 def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str | Path, extra: dict | None = None):
     """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...)."""
+    from finetune.atomic import reporting_write_errors
     from finetune.outputs import image_grid
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with reporting_write_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in out_dir.iterdir() if (m := NUMBERED_PNG.match(p.name))]
     next_number = max(numbers, default=0) + 1
     paths = []
