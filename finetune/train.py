@@ -27,11 +27,20 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from finetune import atomic
 from finetune import checkpoint as ckpt
 from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
 from finetune.methods import get_method_class
-from finetune.outputs import RUN_SCAFFOLDING, push_output_folder, save_grid, write_loss_curve, write_model_card
+from finetune.outputs import (
+    RUN_SCAFFOLDING,
+    push_failed_error,
+    push_output_folder,
+    save_grid,
+    truncate_log,
+    write_loss_curve,
+    write_model_card,
+)
 from finetune.preflight import check_training_inputs
 
 logger = logging.getLogger("difftune")
@@ -205,14 +214,21 @@ def train(config: Config) -> Path:
     global_step = 0
     if resume_path is not None:
         global_step = ckpt.load_checkpoint(accelerator, resume_path, ema)
+        load_method_state = getattr(method, "load_checkpoint_state", None)
+        if load_method_state is not None:  # the method's own progress, JSON in trainer_state.json (never a pickle)
+            load_method_state(ckpt.read_method_state(resume_path), global_step)
         logger.info("resumed from %s at step %d", resume_path, global_step)
     batches_per_epoch = len(dataloader)
     micro_step = global_step * accumulation
     epoch, skip_batches = divmod(micro_step, batches_per_epoch)
 
+    log_path = output_dir / "train_log.jsonl"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
+        with atomic.reporting_write_errors(output_dir):
+            output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(output_dir / "config.yaml") as temporary:
+            config.save(temporary)
+        truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
         accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
@@ -226,7 +242,6 @@ def train(config: Config) -> Path:
             accumulation,
             config.train.max_train_steps,
         )
-    log_path = output_dir / "train_log.jsonl"
     progress = tqdm(
         total=config.train.max_train_steps,
         initial=global_step,
@@ -237,11 +252,16 @@ def train(config: Config) -> Path:
     recent_losses: list[torch.Tensor] = []
     step_started, steps_since_log = time.perf_counter(), 0
 
+    def append_log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with atomic.reporting_write_errors(log_path, ckpt.resume_hint(output_dir)), open(log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")  # a kill mid-line leaves a line that readers skip
+
     def write_samples(tag: str) -> None:
         if accelerator.is_main_process:
             with averaged_weights(ema, parameters):
                 images = method.sample(config.train.num_samples, seed=config.train.seed)
-            save_grid(images, output_dir / "samples" / f"{tag}.png")
+            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir))
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np
@@ -296,9 +316,7 @@ def train(config: Config) -> Path:
                 step_started, steps_since_log = time.perf_counter(), 0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as handle:
-                        handle.write(json.dumps(logs) + "\n")
+                append_log(logs)
             if config.train.sample_every and global_step % config.train.sample_every == 0:
                 write_samples(f"step-{global_step:06d}")
             if config.train.eval_every and global_step % config.train.eval_every == 0:
@@ -308,14 +326,19 @@ def train(config: Config) -> Path:
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
                     if accelerator.is_main_process:
                         logger.info("step %d evaluation: %s", global_step, metrics)
-                        with open(log_path, "a") as handle:
-                            handle.write(json.dumps({"step": global_step, "eval": metrics}) + "\n")
+                    append_log({"step": global_step, "eval": metrics})
             checkpoint_due = config.checkpoint.checkpointing_steps and (
                 global_step % config.checkpoint.checkpointing_steps == 0
             )
             if checkpoint_due:
+                method_state = getattr(method, "checkpoint_state", None)
                 ckpt.save_checkpoint(
-                    accelerator, output_dir, global_step, ema, config.checkpoint.checkpoints_total_limit
+                    accelerator,
+                    output_dir,
+                    global_step,
+                    ema,
+                    config.checkpoint.checkpoints_total_limit,
+                    method_state=method_state() if method_state is not None else None,
                 )
             if global_step >= config.train.max_train_steps:
                 break
@@ -325,12 +348,18 @@ def train(config: Config) -> Path:
     # final outputs: the model (EMA weights when EMA is on), sample grid, loss curve, model card; once, on main
     accelerator.wait_for_everyone()
     write_samples("final")
+    pushed = True
     if accelerator.is_main_process:
-        with averaged_weights(ema, parameters):
-            method.save(output_dir)
-        write_loss_curve(log_path, output_dir / "loss_curve.png")
-        write_model_card(output_dir, config, method.card(), method.options_dict(), global_step)
+        then = ckpt.resume_hint(output_dir)
+        # the model is written into a staging folder and its files moved into place: none is ever half-written
+        # under its final name, and the model card, written last, marks a finished folder
+        with atomic.staged_contents(output_dir, "final-model", then) as staging, averaged_weights(ema, parameters):
+            method.save(staging)
+        write_loss_curve(log_path, output_dir / "loss_curve.png", then=then)
+        write_model_card(output_dir, config, method.card(), method.options_dict(), global_step, then=then)
         if config.hub.push_to_hub:
-            push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private)
+            pushed = push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private) is not None
     accelerator.end_training()
+    if not pushed:  # everything local is saved; a script must still see that the push did not happen
+        raise push_failed_error(output_dir, config.hub.hub_model_id)
     return output_dir

@@ -10,6 +10,7 @@ import yaml
 
 from finetune import checkpoint as ckpt
 from finetune.config import ConfigError
+from finetune.errors import InputError
 from tests.helpers import (
     PYTHON,
     REPO,
@@ -111,5 +112,5 @@ def test_a_finished_output_folder_is_never_overwritten(tmp_path):
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
+    with pytest.raises(InputError, match="does not exist; .* holds no checkpoint"):
         run_training(tiny_ddpm_recipe(tmp_path / "run"), f"checkpoint.resume_from_checkpoint={tmp_path / 'nope'}")

@@ -58,8 +58,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
-from finetune import diffusion
+from finetune import atomic, diffusion
 from finetune.config import Config, ConfigError, option
+from finetune.errors import InputError
 from finetune.methods.ddpm_finetune import DDPMFinetune
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,9 @@ def student_scheduler(
 
 
 class StageProgress:
-    """Optimizer steps taken and the stage whose teacher is in use. Registered with accelerate's checkpointing, so
-    a resumed run knows its stage and whether a stage switch was pending when the checkpoint was written."""
+    """Optimizer steps taken and the stage whose teacher is in use. Saved with each checkpoint as JSON (in its
+    trainer_state.json: never a pickle, which accelerate's register_for_checkpointing would write and load with
+    weights_only=False), so a resumed run knows its stage and whether a stage switch was pending."""
 
     def __init__(self):
         self.step = 0
@@ -162,6 +164,15 @@ class StageProgress:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.teacher_stage = int(state["step"]), int(state["teacher_stage"])
+
+    @classmethod
+    def at_step(cls, step: int, iterations: int, halvings: int) -> StageProgress:
+        """The progress after `step` optimizer steps: the stage switch happens at the start of the step after a
+        stage's last one, so a checkpoint at a stage boundary still holds the finished stage's teacher."""
+        progress = cls()
+        progress.step = step
+        progress.teacher_stage = min((step - 1) // iterations, halvings - 1) if step > 0 else 0
+        return progress
 
 
 class ProgressiveDistillation(DDPMFinetune):
@@ -239,9 +250,26 @@ class ProgressiveDistillation(DDPMFinetune):
         for stage in range(self.halvings):  # fail now, not after hours, if diffusers cannot reproduce a grid
             student_scheduler(self.base_scheduler_config, self.stage_student_steps(stage), self.prediction_type)
 
-    def before_training(self) -> None:
-        super().before_training()
-        self.accelerator.register_for_checkpointing(self.progress)
+    # -- checkpointed state (the training loop stores it in trainer_state.json) ------------------------------------
+    def checkpoint_state(self) -> dict[str, int]:
+        return self.progress.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, int] | None, global_step: int) -> None:
+        if state is None:  # a checkpoint without it: the progress follows from the step
+            self.progress = StageProgress.at_step(global_step, self.iterations, self.halvings)
+            logger.info(
+                "no distillation progress in the checkpoint: stage %d from step %d",
+                self.progress.teacher_stage,
+                global_step,
+            )
+            return
+        try:
+            self.progress.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(
+                f"the checkpoint's distillation state {state!r} is not valid ({type(err).__name__}: {err}); resume "
+                "from another checkpoint"
+            ) from None
 
     # -- stages ------------------------------------------------------------------------------------------------------
     def stage_student_steps(self, stage: int) -> int:
@@ -318,7 +346,7 @@ class ProgressiveDistillation(DDPMFinetune):
             raise RuntimeError("the original teacher is only loaded at set-up")
         folder = self.stage_folder(self.config.train.output_dir, stage - 1)
         if not (folder / "unet").is_dir():
-            raise FileNotFoundError(
+            raise InputError(
                 f"resuming stage {stage} needs the teacher saved when stage {stage - 1} ended, {folder}, which is "
                 "missing: resume in the output folder of the run that wrote the checkpoint"
             )
@@ -427,8 +455,12 @@ class ProgressiveDistillation(DDPMFinetune):
         return self.student_steps
 
     def save_stage(self, output_dir: str | Path) -> Path:
+        """The current student as `student-<N>-steps/`, written into a staging folder and renamed when complete: the
+        next stage's teacher is never read from a half-written folder."""
         folder = self.stage_folder(output_dir, self.progress.teacher_stage)
-        self.pipeline().save_pretrained(folder, safe_serialization=True)
+        then = "resume with checkpoint.resume_from_checkpoint=latest"
+        with atomic.staged_folder(folder, then) as staging:
+            self.pipeline().save_pretrained(staging, safe_serialization=True)
         return folder
 
     def save(self, output_dir: Path) -> None:
