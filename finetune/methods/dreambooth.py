@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune import atomic
 from finetune.adapters import LoraOptions, add_lora, save_kohya, save_lora
 from finetune.config import Config, ConfigError, option
 from finetune.data import (
@@ -454,7 +455,8 @@ class DreamBooth(TextToImageMethod):
             self.options.class_prompt,
             len(mine),
         )
-        self.class_dir.mkdir(parents=True, exist_ok=True)
+        with atomic.reporting_write_errors(self.class_dir, "run the training again"):
+            self.class_dir.mkdir(parents=True, exist_ok=True)
         written = []
         if mine:
             resolution = self.config.data.resolution
@@ -480,9 +482,9 @@ class DreamBooth(TextToImageMethod):
                         ).images
                     for index, image in zip(chunk, images):
                         path = self.class_dir / CLASS_IMAGE_PATTERN.format(index=index)
-                        staging = path.with_name(path.name + ".tmp")
-                        image.save(staging, format="PNG")
-                        os.replace(staging, path)  # a killed job never leaves a half-written class image
+                        # a killed job never leaves a half-written class image (the next start removes the temporary)
+                        with atomic.atomic_path(path, then="run the training again") as staging:
+                            image.save(staging, format="PNG")
                         written.append(path)
                     logger.info("class images: %d/%d on this process", start + len(chunk), len(mine))
         self.accelerator.wait_for_everyone()
