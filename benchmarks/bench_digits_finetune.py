@@ -190,7 +190,7 @@ def run_recipe(recipe: Path, overrides: list[str], in_process: bool) -> float:
     """Train with `python -m finetune` (a fresh process, as a user runs it) or in this process; wall seconds."""
     started = time.perf_counter()
     if in_process:
-        from finetune.config import load_config
+        from finetune.recipe import load_config
         from finetune.train import reset_accelerate_state, train
 
         reset_accelerate_state()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from finetune.config import format_help, load_config
 from finetune.preflight import debug_requested, exit_code_for, one_line
+from finetune.recipe import format_help, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

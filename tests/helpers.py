@@ -24,7 +24,7 @@ def reset_accelerate() -> None:
 
 
 def run_training(recipe: dict | str | Path, *overrides: str) -> Path:
-    from finetune.config import load_config
+    from finetune.recipe import load_config
     from finetune.train import train
 
     reset_accelerate()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from finetune.__main__ import main
-from finetune.config import SECTIONS, ConfigError, load_config
+from finetune.config import SECTIONS, ConfigError
 from finetune.methods import get_method_class, method_names
+from finetune.recipe import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "finetune" / "recipes").glob("*.yaml"))
 DEMO = RECIPES[0].parent / "digits_unconditional.yaml"
@@ -84,3 +85,17 @@ def test_saved_config_reloads_identically(tmp_path):
     config = load_config(DEMO, ["optim.lr=3e-4"])
     config.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").to_dict() == config.to_dict()
+
+
+def test_the_config_sections_are_a_leaf_that_imports_no_method():
+    """config <-> methods was an import circle: the sections import nothing of ours but the errors, and reading a
+    recipe (which needs the method registry) lives above the methods in finetune.recipe."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, finetune.config\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('finetune.'))\n"
+        "assert ours == ['finetune.config', 'finetune.errors'], ours\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,8 +12,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from safetensors.torch import load_file
 
 from finetune import diffusion
-from finetune.config import ConfigError, load_config
+from finetune.config import ConfigError
 from finetune.methods.distillation import student_grid, student_scheduler
+from finetune.recipe import load_config
 from tests.helpers import assert_same_tensors, reset_accelerate, run_training, safetensors_in, tiny_ddpm_recipe
 from tests.tiny_models import make_tiny_ddpm_pipeline
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from finetune.compat import text_encoder_lora_problem
-from finetune.config import load_config
 from finetune.errors import InputError
+from finetune.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from finetune import preflight
 from finetune.__main__ import main
-from finetune.config import ConfigError, OverrideText, build_dataclass, load_config
+from finetune.config import ConfigError
 from finetune.errors import InputError, RunError
+from finetune.recipe import OverrideText, build_dataclass, load_config
 from tests.helpers import PYTHON, REPO, subprocess_env
 from tests.tiny_models import make_test_images
 

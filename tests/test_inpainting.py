@@ -12,9 +12,10 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.config import ConfigError, load_config
+from finetune.config import ConfigError
 from finetune.data import collate_examples
 from finetune.methods.inpainting import Inpainting, random_mask, tensor_to_image
+from finetune.recipe import load_config
 from tests.helpers import reset_accelerate, run_training
 from tests.test_dreambooth import PROMPT, prior, recipe
 from tests.tiny_models import make_test_images, make_tiny_sd_pipeline

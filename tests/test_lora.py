@@ -13,7 +13,8 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from finetune.config import ConfigError, load_config
+from finetune.config import ConfigError
+from finetune.recipe import load_config
 from tests.helpers import (
     PYTHON,
     REPO,

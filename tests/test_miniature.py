@@ -108,8 +108,8 @@ def test_latent_diffusion_folder_samples_in_plain_diffusers(miniature):
 
 
 def test_latent_diffusion_holds_out_digits_and_writes_captions(tmp_path):
-    from finetune.config import load_config
     from finetune.methods.latent_diffusion import LatentDiffusion
+    from finetune.recipe import load_config
 
     config = load_config(
         RECIPES / "digits_text_to_image.yaml",

@@ -11,7 +11,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from finetune.config import ConfigError, load_config
+from finetune.config import ConfigError
+from finetune.recipe import load_config
 from tests.helpers import reset_accelerate, run_training, sd_image
 from tests.tiny_models import make_test_images
 
