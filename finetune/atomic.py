@@ -46,7 +46,7 @@ def write_error(error: BaseException, path: str | Path, then: str = "run the com
     its traceback). `then` says how to carry on once the cause is fixed."""
     code = getattr(error, "errno", None)
     text = str(error).lower()
-    folder = Path(path).parent
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if code in NO_SPACE or any(s in text for s in NO_SPACE_TEXT):
         return RunError(
             f"no space left on the device while writing {path}: free some space (`df -h {folder}`), then {then}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +37,8 @@ EMA_FILE = "ema.safetensors"
 # accelerate loads these with torch.load(weights_only=False) (accelerate/checkpointing.py, load_custom_state)
 UNSAFE_PICKLE_PATTERN = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 RNG_STATE_GLOB = "random_states_*.pkl"
+# what torch.load says about a truncated or overwritten optimizer.bin / scheduler.bin
+DAMAGED_ARCHIVE_TEXT = ("PytorchStreamReader", "zip archive", "central directory")
 # folders of a run where killed writers may leave temporaries (besides the output folder itself)
 RUN_SUBFOLDERS = ("samples", ".cache", "class_images")
 
@@ -237,10 +240,17 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema=None) -> int:
             with safe_open(str(path / EMA_FILE), "pt") as handle:
                 ema.optimization_step = int(handle.metadata()["optimization_step"])
         return int(read_trainer_state(path)["global_step"])
-    except (SafetensorError, EOFError) as err:
+    except pickle.UnpicklingError:  # torch's weights-only loader refused optimizer.bin / scheduler.bin
         raise InputError(
-            f"checkpoint {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "resume from another checkpoint"
+            f"checkpoint {path} holds a .bin file (optimizer.bin, scheduler.bin) that is not a plain tensor state; it "
+            "was not loaded (it could run code): resume from another checkpoint"
+        ) from None
+    except (SafetensorError, EOFError, RuntimeError) as err:
+        text = str(err).splitlines()[0] if str(err) else ""
+        if isinstance(err, RuntimeError) and not any(s in text for s in DAMAGED_ARCHIVE_TEXT):
+            raise  # a bug, not a damaged file
+        raise InputError(
+            f"checkpoint {path} is damaged ({type(err).__name__}: {text}); resume from another checkpoint"
         ) from None
 
 

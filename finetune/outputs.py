@@ -42,7 +42,8 @@ def save_grid(
     images: list[Image.Image], path: Path, min_cell: int = 64, columns: int | None = None, then: str = "run again"
 ) -> Path:
     """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.reporting_write_errors(path.parent, then):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if images[0].width < min_cell:
         factor = math.ceil(min_cell / images[0].width)
         images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]

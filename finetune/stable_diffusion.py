@@ -113,7 +113,7 @@ class LatentCache:
         tensors = {f"m/{row}/{int(flip)}": t.contiguous() for (row, flip), t in self.moments.items()}
         texts = sorted(self.text)
         tensors.update({f"t/{i}": self.text[text].contiguous() for i, text in enumerate(texts)})
-        then = "run the training again, or keep the cache in memory (<method>.cache=memory)"
+        then = "run the training again, or keep the cache in memory (e.g. lora.cache=memory)"
         with atomic.atomic_path(path, then=then) as staging:  # a killed job never leaves half a cache to load
             save_file(tensors, str(staging), metadata={"fingerprint": fingerprint, "texts": json.dumps(texts)})
 

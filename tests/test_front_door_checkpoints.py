@@ -326,14 +326,22 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl"])
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
 def test_a_planted_pickle_in_a_checkpoint_is_never_loaded(tmp_path, planted):
     out = run_training(recipe(tmp_path / "run", train={"max_train_steps": 3}))
     marker = tmp_path / "code-ran"
     (out / "checkpoint-3" / planted).write_bytes(pickle.dumps(Payload(marker), protocol=2))
-    with pytest.raises(InputError, match=f"checkpoint.*{planted}"):
+    with pytest.raises(InputError, match=f"checkpoint .*{planted}.*not .*load"):
         run_training(recipe(out, train={"max_train_steps": 6}), RESUME)
     assert not marker.exists(), "the planted pickle was unpickled"
+
+
+def test_a_damaged_checkpoint_file_is_named_not_a_traceback(tmp_path):
+    out = run_training(recipe(tmp_path / "run", train={"max_train_steps": 3}))
+    weights = out / "checkpoint-3" / "trainable_0.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a disk error
+    with pytest.raises(InputError, match=r"checkpoint .*checkpoint-3 is damaged \(SafetensorError: .*\); resume from"):
+        run_training(recipe(out, train={"max_train_steps": 6}), RESUME)
 
 
 def test_distillation_keeps_its_stage_as_json_not_a_pickle(tmp_path):
