@@ -41,6 +41,16 @@ class ModelConfig:
     allow_pickle: bool = option(
         False, "Allow loading .bin/.ckpt pickle weights. Off: only safetensors load (pickle files can run code)."
     )
+    family: str = option(
+        "auto",
+        "Model family of the base model: 'auto' (read from its model_index.json), or the one a recipe is written for "
+        "('sd' for SD 1.x/2.x, 'sdxl'); a base model of another family is then refused with the recipe to use.",
+    )
+    vae: str | None = option(
+        None,
+        "A VAE folder or Hub id that replaces the base model's, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE "
+        "overflows in fp16: without a fixed VAE it runs in fp32 when mixed precision is fp16).",
+    )
 
 
 @dataclass

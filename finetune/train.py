@@ -207,16 +207,14 @@ def train(config: Config) -> Path:
         )
         ema.to(accelerator.device)
     ckpt.register_trainable_only_hooks(accelerator)
-    method.ema = ema
-    method.before_training()
+    method.before_training(ema)
 
     # resume: weights, optimizer, scheduler, RNG and EMA from the checkpoint; the data position from the step
     global_step = 0
     if resume_path is not None:
         global_step = ckpt.load_checkpoint(accelerator, resume_path, ema)
-        load_method_state = getattr(method, "load_checkpoint_state", None)
-        if load_method_state is not None:  # the method's own progress, JSON in trainer_state.json (never a pickle)
-            load_method_state(ckpt.read_method_state(resume_path), global_step)
+        # the method's own progress, JSON in trainer_state.json (never a pickle)
+        method.load_checkpoint_state(ckpt.read_method_state(resume_path), global_step)
         logger.info("resumed from %s at step %d", resume_path, global_step)
     batches_per_epoch = len(dataloader)
     micro_step = global_step * accumulation
@@ -294,11 +292,12 @@ def train(config: Config) -> Path:
             if not accelerator.sync_gradients:
                 continue
 
-            # after each optimizer step: method fix-ups, EMA, logs, samples, checkpoints
-            method.after_optimizer_step()
+            # after each optimizer step: method fix-ups, EMA, the method's step end, logs, samples, checkpoints
+            global_step += 1
+            method.after_optimizer_step(global_step)
             if ema is not None:
                 ema.step(parameters)
-            global_step += 1
+            method.on_step_end(global_step, ema)
             steps_since_log += 1
             progress.update(1)
             if global_step % config.train.log_every == 0 or global_step == config.train.max_train_steps:
@@ -331,14 +330,13 @@ def train(config: Config) -> Path:
                 global_step % config.checkpoint.checkpointing_steps == 0
             )
             if checkpoint_due:
-                method_state = getattr(method, "checkpoint_state", None)
                 ckpt.save_checkpoint(
                     accelerator,
                     output_dir,
                     global_step,
                     ema,
                     config.checkpoint.checkpoints_total_limit,
-                    method_state=method_state() if method_state is not None else None,
+                    method_state=method.checkpoint_state(),
                 )
             if global_step >= config.train.max_train_steps:
                 break

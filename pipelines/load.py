@@ -210,6 +210,55 @@ def lora_source(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+
+
+def embeddings_file(path: str) -> Path | None:
+    """The local safetensors file of a Textual Inversion given as a file or an output folder; None for a Hub id."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        return local
+    if (local / EMBEDDINGS_FILE).is_file():
+        return local / EMBEDDINGS_FILE
+    return None
+
+
+def load_embeddings(pipe, path: str) -> list[str]:
+    """Load a Textual Inversion into a pipeline. A file with one tensor per text encoder (SDXL's `clip_l` / `clip_g`,
+    as difftune and the community write them) goes into each encoder with its tokenizer, the token from the file's
+    metadata; a one-encoder file (`{token: tensor}`, diffusers' layout) through `load_textual_inversion` as is."""
+    from safetensors import safe_open
+
+    from finetune.families import family_of_pipeline
+
+    file = embeddings_file(path)
+    if file is None:  # a Hub repo: diffusers downloads learned_embeds.safetensors itself
+        pipe.load_textual_inversion(path, use_safetensors=True)
+        return []
+    with safe_open(str(file), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in keys}
+    family = family_of_pipeline(type(pipe).__name__, repr(path))
+    layout = family.embedding_keys
+    if layout and keys == set(layout.values()):
+        token = metadata.get("token")
+        if not token:
+            raise ValueError(f"{str(file)!r} holds {sorted(keys)} but no 'token' in its metadata: pass the token")
+        for encoder, key in layout.items():
+            tokenizer = encoder.replace("text_encoder", "tokenizer")
+            pipe.load_textual_inversion(
+                tensors[key], token=token, text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer)
+            )
+        return [token]
+    if layout:
+        raise ValueError(
+            f"{str(file)!r} holds {sorted(keys)}; a {type(pipe).__name__} needs one embedding per text encoder "
+            f"({', '.join(layout.values())})"
+        )
+    pipe.load_textual_inversion(str(file.parent), weight_name=file.name, use_safetensors=True)
+    return sorted(keys)
+
+
 def check_lora_fits(pipe, path: str, base: str) -> None:
     source, kwargs = lora_source(path)
     loaded = type(pipe).lora_state_dict(source, use_safetensors=True, **kwargs)
@@ -298,8 +347,7 @@ def load_pipeline(
     for path in _as_list(embeddings):
         if not hasattr(pipe, "load_textual_inversion"):
             raise ValueError(f"{cls.__name__} ({base!r}) does not take Textual Inversion embeddings")
-        source, kwargs = lora_source(str(path))
-        pipe.load_textual_inversion(source, use_safetensors=True, **kwargs)
+        load_embeddings(pipe, str(path))
 
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

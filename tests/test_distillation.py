@@ -156,14 +156,13 @@ def test_two_halvings_save_pipelines_that_load_and_sample(straight_run, teacher)
     assert "num_inference_steps=1" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("resume_at", [3, 4])  # 3: the stage switch is pending; 4: in the middle of stage 2
+@pytest.mark.parametrize("resume_at", [3, 4])  # 3: the checkpoint of the step that ended stage 1; 4: inside stage 2
 def test_resume_equals_uninterrupted_run(tmp_path, teacher, straight_run, resume_at):
-    # an interrupted run: what the straight run had written by the checkpoint (the stage folder of a switch pending
-    # at step 3 is not written yet)
+    # an interrupted run: what the straight run had written by the checkpoint (stage 1 ends with step 3, and its
+    # student is saved before that step's checkpoint)
     resumed_dir = tmp_path / "run"
     shutil.copytree(straight_run / f"checkpoint-{resume_at}", resumed_dir / f"checkpoint-{resume_at}")
-    if resume_at > 3:
-        shutil.copytree(straight_run / "student-2-steps", resumed_dir / "student-2-steps")
+    shutil.copytree(straight_run / "student-2-steps", resumed_dir / "student-2-steps")
     recipe = distillation_recipe(
         tmp_path, teacher, checkpoint={"checkpointing_steps": 0, "resume_from_checkpoint": "latest"}, ema=EMA
     )

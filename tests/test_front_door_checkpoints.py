@@ -51,7 +51,7 @@ def logged_steps(output_dir: Path) -> list[int]:
 
 def kill_point(point: str):
     """(module, function name, condition on its arguments, whether to die before the call) for each kill point."""
-    import finetune.stable_diffusion as sd
+    import finetune.text_to_image as sd
 
     moves = []
 
@@ -360,10 +360,12 @@ def test_distillation_keeps_its_stage_as_json_not_a_pickle(tmp_path):
             distillation={"initial_steps": 4, "final_steps": 1},
         )
     )
-    for step, stage in ((2, 0), (4, 1)):  # at step 4 the second stage's teacher is in use
+    # the first stage ends with step 2: from then on the second stage's teacher (the 2-step student) is in use
+    assert (out / "student-2-steps" / "model_index.json").is_file()
+    for step, stage in ((2, 1), (4, 1)):
         state = json.loads((out / f"checkpoint-{step}" / ckpt.TRAINER_STATE).read_text())
-        assert state == {"global_step": step, "method_state": {"step": step, "teacher_stage": stage}}
-        # what a checkpoint without the state (an older one, its pickle deleted) resumes with
+        assert state == {"global_step": step, "method_state": {"teacher_stage": stage}}
+        # the stage follows from the step: what a resume derives and checks against the record
         assert StageProgress.at_step(step, iterations=2, halvings=2).state_dict() == state["method_state"]
     assert not list(out.rglob("custom_checkpoint_*"))
 

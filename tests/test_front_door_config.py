@@ -261,12 +261,12 @@ def test_pickle_hint_only_for_pickle_only_folders(tmp_path, capsys):
     assert "allow_pickle" not in str(err.value)
 
 
-def test_load_components_says_the_same(tmp_path):
-    from finetune.stable_diffusion import load_components
+def test_the_family_loader_says_the_same(tmp_path):
+    from finetune.families import get_family
 
     config = load_config({"method": "lora", "model": {"pretrained_model_name_or_path": str(tmp_path / "gone")}})
     with pytest.raises(InputError) as err:
-        load_components(config)
+        get_family("sd").load(config)
     assert f"{MODEL_KEY}: the folder '{tmp_path / 'gone'}' does not exist" in str(err.value)
     assert "allow_pickle" not in str(err.value)
 

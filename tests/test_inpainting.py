@@ -150,7 +150,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_inpaint_dir, insta
             ["data.random_flip=true"],
         )
         method = set_up(config)
-        method.before_training()
+        method.before_training(None)
         examples = method.train_dataset
         batch = collate_examples([examples[i] for i in range(len(examples))])
         assert batch["loss_weight"].tolist().count(1.0) == 4 and len(batch["row"].unique()) >= 6

@@ -163,7 +163,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_fold
         config = load_config(recipe)
         method = get_method_class("lora")(config, Accelerator(cpu=True))
         method.setup()
-        method.before_training()
+        method.before_training(None)
         if mode != "none":
             assert len(method.cache.moments) == 12 and "" in method.cache.text  # both flips, the empty prompt
         examples = method.train_dataset

@@ -61,18 +61,18 @@ def test_only_new_rows_train_and_the_embedding_loads_into_a_plain_pipeline(
     seen = {"moved_before_restore": 0.0}
     original_restore, original_save = TextualInversion.after_optimizer_step, TextualInversion.save
 
-    def restore_and_look(self):
-        weight = self.embedding_weight().detach()
+    def restore_and_look(self, step):
+        weight = self.embedding_weights()["text_encoder"].detach()
         others = torch.ones(len(weight), dtype=torch.bool)
-        others[self.placeholder_ids] = False
-        moved = (weight[others] - self.original_embeddings[others]).abs().max().item()
+        others[self.placeholder_ids["text_encoder"]] = False
+        moved = (weight[others] - self.original_embeddings["text_encoder"][others]).abs().max().item()
         seen["moved_before_restore"] = max(seen["moved_before_restore"], moved)
-        return original_restore(self)
+        return original_restore(self, step)
 
     def save_and_look(self, output_dir):
         seen["text_encoder"] = {k: v.detach().clone() for k, v in self.unwrap(self.text_encoder).state_dict().items()}
         seen["unet"] = {k: v.detach().clone() for k, v in self.unwrap(self.unet).state_dict().items()}
-        seen["ids"] = list(self.placeholder_ids)
+        seen["ids"] = list(self.placeholder_ids["text_encoder"])
         return original_save(self, output_dir)
 
     monkeypatch.setattr(TextualInversion, "after_optimizer_step", restore_and_look)
@@ -137,11 +137,11 @@ def test_captions_with_the_placeholder_are_expanded_and_latents_cached(tiny_sd_d
         ti_recipe(tiny_sd_dir, folder, tmp_path / "run", num_vectors=3, use_captions=True, cache="memory")
     )
     method.setup()
-    method.before_training()
+    method.before_training(None)
     assert method.train_dataset[0]["text"] == f"{TOKEN} {TOKEN}_1 {TOKEN}_2 on a table"
     assert len(method.cache.moments) == 4 and not method.cache.text, "latents cached, text embeddings not"
     assert set(method.trainable_modules()) == {"text_encoder"}
-    assert [p.shape for p in method.trainable_parameters()] == [method.embedding_weight().shape]
+    assert [p.shape for p in method.trainable_parameters()] == [method.embedding_weights()["text_encoder"].shape]
 
     templated = make_method(ti_recipe(tiny_sd_dir, folder, tmp_path / "t", learnable_property="style"))
     templated.setup()
@@ -160,7 +160,7 @@ def test_bad_inputs_fail_before_training(tiny_sd_dir, image_folder, tmp_path, mo
         raise AssertionError("the models must not load before the data is checked")
 
     with monkeypatch.context() as patch:
-        patch.setattr("finetune.stable_diffusion.load_components", no_models)
+        patch.setattr("finetune.families.base.Family.load", no_models)
         with pytest.raises(
             ConfigError, match=r"1 caption\(s\) do not contain the placeholder '<toy-cat>', e.g. 'a toy 1'"
         ):
@@ -168,7 +168,9 @@ def test_bad_inputs_fail_before_training(tiny_sd_dir, image_folder, tmp_path, mo
     assert not (tmp_path / "a").exists()
 
     with pytest.raises(
-        ConfigError, match=r"'square' must be a single token .* becomes 4: \['s', 'qu', 'ar', 'e</w>'\]"
+        ConfigError,
+        match=r"'square' must be a single token of the base model's tokenizer, but it becomes 4: "
+        r"\['s', 'qu', 'ar', 'e</w>'\]",
     ):
         run_training(
             ti_recipe(tiny_sd_dir, image_folder, tmp_path / "b"), "textual_inversion.initializer_token=square"

@@ -1,7 +1,7 @@
 """What a model family is: the components of its pipeline folder and how they load, text -> conditioning, the
 denoiser call, the pipeline classes, and the layout of LoRA weights and embeddings.
 
-The text-to-image methods (`finetune.stable_diffusion.TextToImageMethod` and the methods on it) only talk to this
+The text-to-image methods (`finetune.text_to_image.TextToImageMethod` and the methods on it) only talk to this
 interface, so a new family is one file with one subclass and its recipes. A family holds no state: the components it
 loads live on the method (which the training loop prepares and wraps), and are handed back to the family as a
 mapping `parts` (component name -> module) when it encodes text, calls the denoiser or builds a pipeline.
@@ -62,68 +62,60 @@ class Family:
     default_model: ClassVar[str]
 
     # -- loading -----------------------------------------------------------------------------------------------------
+    # transformers class of each tokenizer and text encoder (the VAE, UNet and scheduler are diffusers' everywhere)
+    text_classes: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel"}
+
     def load(self, config: Config) -> dict[str, Any]:
         """Every component of the base pipeline: tokenizers, text encoders, vae, unet and the training noise
         scheduler (`noise_scheduler`). Weights load from safetensors only unless model.allow_pickle is set."""
-        raise NotImplementedError
-
-    @staticmethod
-    def load_part(config: Config, name: str, load) -> Any:
-        """Call `load()` for component `name`; a failure becomes one line naming the path, the part and the fix."""
-        from finetune.preflight import describe_load_error
+        from finetune.preflight import check_model_path
 
         model = config.model
         pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
-        try:
-            return load()
-        except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, hub errors: one line each
-            path = str(model.vae if name == "vae" and model.vae else model.pretrained_model_name_or_path)
-            raise ConfigError(describe_load_error(err, path, MODEL_KEY, name, pickle_hint)) from err
-
-    @staticmethod
-    def weight_kwargs(config: Config) -> dict[str, Any]:
-        model = config.model
-        return dict(
-            revision=model.revision, variant=model.variant, use_safetensors=None if model.allow_pickle else True
-        )
-
-    def load_vae_unet_scheduler(self, config: Config) -> dict[str, Any]:
-        """The parts every latent-diffusion family shares: the VAE (or model.vae), the UNet and a DDPM noise
-        scheduler from the folder's scheduler config (its betas and prediction type)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-        model, path, weights = config.model, config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
-        if model.vae:
-            vae = self.load_part(config, "vae", lambda: AutoencoderKL.from_pretrained(model.vae, **weights))
-        else:
-            vae = self.load_part(
-                config, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-            )
-        parts = {
-            "vae": vae,
-            "unet": self.load_part(
-                config, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-            ),
-            "noise_scheduler": self.load_part(
-                config,
-                "scheduler",
-                lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=model.revision),
-            ),
-        }
-        if config.diffusion.prediction_type is not None:
-            parts["noise_scheduler"].register_to_config(prediction_type=config.diffusion.prediction_type)
+        # a missing folder or subfolder, corrupt weights, offline without the files: one line before any load
+        path, subfolders = model.pretrained_model_name_or_path, self.subfolders(config)
+        check_model_path(path, MODEL_KEY, "pipeline", pickle_hint, model.revision, subfolders)
+        names = [*self.text_encoders, *self.tokenizers, "vae", "unet", "noise_scheduler"]
+        parts = {name: self.load_component(config, name) for name in names}
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            if parts[tokenizer].model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
+                parts[tokenizer].model_max_length = parts[encoder].config.max_position_embeddings
         return parts
 
-    def load_clip_tokenizer(self, config: Config, subfolder: str, text_encoder):
-        from transformers import CLIPTokenizer
+    def load_component(self, config: Config, name: str) -> Any:
+        """One component as the base model has it (in its stored precision); a failure is one line naming the path,
+        the part and the fix."""
+        import diffusers
+        import transformers
 
-        path, revision = config.model.pretrained_model_name_or_path, config.model.revision
-        tokenizer = self.load_part(
-            config, subfolder, lambda: CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
-        )
-        if tokenizer.model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
-            tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-        return tokenizer
+        from finetune.preflight import describe_load_error
+
+        model = config.model
+        path, subfolder = model.pretrained_model_name_or_path, "scheduler" if name == "noise_scheduler" else name
+        weights = dict(revision=model.revision, variant=model.variant)
+        weights["use_safetensors"] = None if model.allow_pickle else True
+        if name == "noise_scheduler":  # the folder's betas and prediction type, for training
+            load = lambda: diffusers.DDPMScheduler.from_pretrained(path, subfolder=subfolder, revision=model.revision)  # noqa: E731
+        elif name == "vae" and model.vae:  # a replacement VAE folder or Hub id (e.g. SDXL's fp16 fix)
+            path, subfolder = model.vae, None
+            load = lambda: diffusers.AutoencoderKL.from_pretrained(path, **weights)  # noqa: E731
+        elif name in ("vae", "unet"):
+            cls = diffusers.AutoencoderKL if name == "vae" else diffusers.UNet2DConditionModel
+            load = lambda: cls.from_pretrained(path, subfolder=subfolder, **weights)  # noqa: E731
+        elif name in self.tokenizers:
+            cls = getattr(transformers, self.text_classes[name])
+            load = lambda: cls.from_pretrained(path, subfolder=subfolder, revision=model.revision)  # noqa: E731
+        else:
+            cls = getattr(transformers, self.text_classes[name])
+            load = lambda: cls.from_pretrained(path, subfolder=subfolder, **weights)  # noqa: E731
+        try:
+            part = load()
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, hub errors: one line each
+            pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
+            raise ConfigError(describe_load_error(err, str(path), MODEL_KEY, subfolder or name, pickle_hint)) from err
+        if name == "noise_scheduler" and config.diffusion.prediction_type is not None:
+            part.register_to_config(prediction_type=config.diffusion.prediction_type)
+        return part
 
     def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the frozen VAE runs in (the mixed-precision one unless the family's VAE cannot take it)."""
@@ -182,20 +174,6 @@ class Family:
         )
         return Path(output_dir) / "pytorch_lora_weights.safetensors"
 
-    def check_folder(self, config: Config) -> None:
-        """A local folder has every component subfolder this family loads (the message lists what is missing)."""
-        local = Path(str(config.model.pretrained_model_name_or_path)).expanduser()
-        if not local.is_dir():
-            return
-        wanted = [*self.tokenizers, *self.text_encoders, "unet", "scheduler"] + ([] if config.model.vae else ["vae"])
-        missing = [name for name in wanted if not (local / name).is_dir()]
-        if missing:
-            raise ConfigError(
-                f"{MODEL_KEY}: {str(local)!r} is not a complete {self.text_to_image_pipeline} folder: missing "
-                f"{', '.join(missing)} (expected subfolders: {', '.join(wanted)})"
-            )
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent pixel: 2 ** (VAE levels - 1), as the pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    def subfolders(self, config: Config) -> tuple[str, ...]:
+        """The component subfolders of a pipeline folder this family loads (the VAE's unless model.vae replaces it)."""
+        return (*self.tokenizers, *self.text_encoders, "unet", "scheduler", *(() if config.model.vae else ("vae",)))

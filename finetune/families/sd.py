@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from finetune.config import Config
 from finetune.families.base import Family
 
 
@@ -22,20 +21,6 @@ class StableDiffusion(Family):
     text_to_image_pipeline = "StableDiffusionPipeline"
     inpainting_pipeline = "StableDiffusionInpaintPipeline"
     default_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-    def load(self, config: Config) -> dict[str, Any]:
-        from transformers import CLIPTextModel
-
-        self.check_folder(config)
-        path, weights = config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
-        text_encoder = self.load_part(
-            config, "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-        )
-        return {
-            "tokenizer": self.load_clip_tokenizer(config, "tokenizer", text_encoder),
-            "text_encoder": text_encoder,
-            **self.load_vae_unet_scheduler(config),
-        }
 
     def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.tokenize(parts["tokenizer"], texts).to(device)

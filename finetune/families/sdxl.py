@@ -34,28 +34,13 @@ class StableDiffusionXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    text_classes = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+    }
     default_model = "stabilityai/stable-diffusion-xl-base-1.0"
-
-    def load(self, config: Config) -> dict[str, Any]:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        self.check_folder(config)
-        path, weights = config.model.pretrained_model_name_or_path, self.weight_kwargs(config)
-        text_encoder = self.load_part(
-            config, "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-        )
-        text_encoder_2 = self.load_part(
-            config,
-            "text_encoder_2",
-            lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
-        )
-        return {
-            "tokenizer": self.load_clip_tokenizer(config, "tokenizer", text_encoder),
-            "tokenizer_2": self.load_clip_tokenizer(config, "tokenizer_2", text_encoder_2),
-            "text_encoder": text_encoder,
-            "text_encoder_2": text_encoder_2,
-            **self.load_vae_unet_scheduler(config),
-        }
 
     def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
         # SDXL's own VAE overflows to NaN in fp16; a VAE fixed for it (model.vae=madebyollin/sdxl-vae-fp16-fix) runs

@@ -58,9 +58,6 @@ class Method:
             accelerator.mixed_precision, torch.float32
         )
         self.train_dataset = None
-        # the loop's EMA of the trainable parameters (diffusers EMAModel; None without ema.use_ema), set before
-        # before_training(): for methods that restart or read the average mid-run (distillation stages)
-        self.ema = None
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -78,15 +75,28 @@ class Method:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trainable_modules().values() for p in module.parameters() if p.requires_grad]
 
-    def before_training(self) -> None:
-        """Work done once after the models are prepared, e.g. caching latents. Runs on every process."""
+    def before_training(self, ema: Any | None) -> None:
+        """Work done once after the models are prepared, e.g. caching latents. Runs on every process. `ema` is the
+        loop's average of the trainable parameters (diffusers EMAModel; None without ema.use_ema)."""
 
     # -- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def after_optimizer_step(self) -> None:
-        """Called after every optimizer step (e.g. restore embedding rows that must not change)."""
+    def after_optimizer_step(self, step: int) -> None:
+        """After optimizer step number `step` (1-based), before the EMA sees the weights: fix-ups such as restoring
+        embedding rows that must not change."""
+
+    def on_step_end(self, step: int, ema: Any | None) -> None:
+        """After step `step` and its EMA update, before logs, samples and checkpoints: what a method does between
+        steps with the loop's knowledge (a distillation stage ends, its student becomes the teacher)."""
+
+    def checkpoint_state(self) -> dict | None:
+        """The method's own progress to keep in each checkpoint (JSON in trainer_state.json, never a pickle)."""
+        return None
+
+    def load_checkpoint_state(self, state: dict | None, step: int) -> None:
+        """Restore what checkpoint_state() returned (None: the checkpoint has none) when resuming at `step`."""
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     @torch.no_grad()

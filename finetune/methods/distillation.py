@@ -10,7 +10,7 @@ output folder), each a `DDIMPipeline` folder with a DDIMScheduler set up for the
 `DDPMPipeline.from_pretrained` both load it, and `num_inference_steps=N` samples on exactly the grid it was trained on.
 
 Stages. The one training loop runs halvings x iterations_per_halving optimizer steps; the stage is a function of the
-step. When a stage ends (at the first loss() of the next one, i.e. after the loop has stepped the EMA) the finished
+step. When a stage ends (the loop's on_step_end hook after the stage's last step and its EMA update) the finished
 student (its EMA when ema.use_ema) is saved as its stage folder, becomes the frozen teacher of the next stage and the
 start of the next student; the EMA restarts from it (warm-up included). This follows the paper's Algorithm 2 (student
 initialised from the teacher at every halving); the authors' released configs distil without averaging (EMA decay 0),
@@ -40,8 +40,8 @@ Student data. `student_data: data` noises training images by q(z_t | x) (Algorit
 data-free: z_t is where the teacher's own deterministic sampler puts pure noise at t (the states the student meets when
 sampling); it costs up to N extra teacher evaluations per step, and the dataset then only supplies example seeds.
 
-Resume is exact: the stage (and whether a stage switch is pending) is saved in every checkpoint as accelerate custom
-state, and a run resumed mid-stage reloads its teacher from the last saved stage folder (stage 0: the original model).
+Resume is exact: the stage follows from the step (each checkpoint records it too, as JSON, and a mismatch is refused),
+and a resumed run reloads its teacher from the last saved stage folder (stage 0: the original model).
 Every random draw (noise, grid index) comes from the example's seed.
 """
 
@@ -151,28 +151,23 @@ def student_scheduler(
 
 
 class StageProgress:
-    """Optimizer steps taken and the stage whose teacher is in use. Saved with each checkpoint as JSON (in its
-    trainer_state.json: never a pickle, which accelerate's register_for_checkpointing would write and load with
-    weights_only=False), so a resumed run knows its stage and whether a stage switch was pending."""
+    """The stage whose teacher is in use. Saved with each checkpoint as JSON (in its trainer_state.json: never a
+    pickle, which accelerate's register_for_checkpointing would write and load with weights_only=False)."""
 
-    def __init__(self):
-        self.step = 0
-        self.teacher_stage = 0
+    def __init__(self, teacher_stage: int = 0):
+        self.teacher_stage = teacher_stage
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "teacher_stage": self.teacher_stage}
+        return {"teacher_stage": self.teacher_stage}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.teacher_stage = int(state["step"]), int(state["teacher_stage"])
+        self.teacher_stage = int(state["teacher_stage"])
 
     @classmethod
     def at_step(cls, step: int, iterations: int, halvings: int) -> StageProgress:
-        """The progress after `step` optimizer steps: the stage switch happens at the start of the step after a
-        stage's last one, so a checkpoint at a stage boundary still holds the finished stage's teacher."""
-        progress = cls()
-        progress.step = step
-        progress.teacher_stage = min((step - 1) // iterations, halvings - 1) if step > 0 else 0
-        return progress
+        """The progress after `step` optimizer steps: a stage ends (and the next teacher takes over) at the end of
+        its last step."""
+        return cls(min(step // iterations, halvings - 1))
 
 
 class ProgressiveDistillation(DDPMFinetune):
@@ -245,7 +240,6 @@ class ProgressiveDistillation(DDPMFinetune):
         self.prediction_type = options.prediction_type  # the student's
         self.teacher = copy.deepcopy(self.unet).requires_grad_(False).eval().to(self.device)
         self.progress = StageProgress()
-        self._teacher_loaded = 0  # the stage whose teacher weights self.teacher holds
         self._use_teacher_of(0)
         for stage in range(self.halvings):  # fail now, not after hours, if diffusers cannot reproduce a grid
             student_scheduler(self.base_scheduler_config, self.stage_student_steps(stage), self.prediction_type)
@@ -255,21 +249,18 @@ class ProgressiveDistillation(DDPMFinetune):
         return self.progress.state_dict()
 
     def load_checkpoint_state(self, state: dict[str, int] | None, global_step: int) -> None:
-        if state is None:  # a checkpoint without it: the progress follows from the step
-            self.progress = StageProgress.at_step(global_step, self.iterations, self.halvings)
-            logger.info(
-                "no distillation progress in the checkpoint: stage %d from step %d",
-                self.progress.teacher_stage,
-                global_step,
-            )
-            return
-        try:
-            self.progress.load_state_dict(state)
-        except (KeyError, TypeError, ValueError) as err:
+        """The stage follows from the step; the checkpoint's record of it is checked, and a stage after the first
+        gets its teacher back from the folder the previous stage's student was saved to."""
+        self.progress = StageProgress.at_step(global_step, self.iterations, self.halvings)
+        recorded = (state or {}).get("teacher_stage", self.progress.teacher_stage)
+        if recorded != self.progress.teacher_stage:
             raise InputError(
-                f"the checkpoint's distillation state {state!r} is not valid ({type(err).__name__}: {err}); resume "
-                "from another checkpoint"
-            ) from None
+                f"the checkpoint at step {global_step} records distillation stage {recorded!r}, but this recipe "
+                f"({self.iterations} iterations per halving) puts step {global_step} in stage "
+                f"{self.progress.teacher_stage}: resume with the options that wrote it"
+            )
+        if self.progress.teacher_stage > 0:
+            self._load_teacher(self.progress.teacher_stage)
 
     # -- stages ------------------------------------------------------------------------------------------------------
     def stage_student_steps(self, stage: int) -> int:
@@ -308,22 +299,20 @@ class ProgressiveDistillation(DDPMFinetune):
                     steps * (self.step_size - 2 * self.teacher_step_size),
                 )
 
-    def sync_stage(self) -> None:
-        """Make the teacher the one of the stage the step count is in: switch stages when the previous one has just
-        ended, or reload the teacher of a run resumed mid-stage."""
-        stage = min(self.progress.step // self.iterations, self.halvings - 1)
+    def on_step_end(self, step: int, ema) -> None:
+        """A stage ends at the end of its last step, after the loop's EMA update: the student (its EMA) is saved and
+        becomes the next stage's teacher, before the loop logs or checkpoints this step."""
+        stage = min(step // self.iterations, self.halvings - 1)
         if stage > self.progress.teacher_stage:
             if stage != self.progress.teacher_stage + 1:
                 raise RuntimeError(f"stage {self.progress.teacher_stage} -> {stage}: a stage switch was skipped")
-            self._finish_stage(self.progress.teacher_stage)
-        elif self._teacher_loaded != self.progress.teacher_stage:
-            self._load_teacher(self.progress.teacher_stage)
+            self._finish_stage(self.progress.teacher_stage, ema)
 
-    def _finish_stage(self, stage: int) -> None:
+    def _finish_stage(self, stage: int, ema) -> None:
         """Save the stage's student (its EMA when there is one): the next teacher and the next student's start."""
         parameters = self.trainable_parameters()
-        if self.ema is not None:
-            self.ema.copy_to(parameters)
+        if ema is not None:
+            ema.copy_to(parameters)
         if self.accelerator.is_main_process:
             self.save_stage(self.config.train.output_dir)
             logger.info(
@@ -334,11 +323,11 @@ class ProgressiveDistillation(DDPMFinetune):
             )
         self.accelerator.wait_for_everyone()
         self.teacher.load_state_dict(self.unwrap(self.unet).state_dict())
-        if self.ema is not None:  # restart the average (and its warm-up) from the new starting point
-            for shadow, parameter in zip(self.ema.shadow_params, parameters):
+        if ema is not None:  # restart the average (and its warm-up) from the new starting point
+            for shadow, parameter in zip(ema.shadow_params, parameters):
                 shadow.data.copy_(parameter.data)
-            self.ema.optimization_step = 0
-        self.progress.teacher_stage = self._teacher_loaded = stage + 1
+            ema.optimization_step = 0
+        self.progress.teacher_stage = stage + 1
         self._use_teacher_of(stage + 1)
 
     def _load_teacher(self, stage: int) -> None:
@@ -352,13 +341,8 @@ class ProgressiveDistillation(DDPMFinetune):
             )
         teacher = UNet2DModel.from_pretrained(folder / "unet")
         self.teacher.load_state_dict(teacher.state_dict())
-        self._teacher_loaded = stage
         self._use_teacher_of(stage)
         logger.info("stage %d: teacher reloaded from %s", stage, folder)
-
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
-        self.progress.step += 1
 
     # -- training ----------------------------------------------------------------------------------------------------
     def alphas_sigmas(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,8 +399,6 @@ class ProgressiveDistillation(DDPMFinetune):
         return weights
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        # stage: switch to the next teacher when a stage has just ended (or reload it after a resume)
-        self.sync_stage()
 
         # encode: the clean examples (pixels); with student_data=noise only their shape is used
         clean = self.encode(batch).float()

@@ -54,8 +54,8 @@ from finetune.data import (
     load_records,
 )
 from finetune.methods.base import eval_mode
-from finetune.methods.lora import lora_card
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.methods.lora import lora_card, lora_modules
+from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -390,19 +390,7 @@ class DreamBooth(TextToImageMethod):
 
     # -- models ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        mixed = self.weight_dtype
-        if not self.options.use_lora:
-            # the base class casts frozen modules to the mixed-precision dtype before marking what trains; a fully
-            # trained UNet (and text encoder) must not be rounded through fp16/bf16 on the way, so load in fp32
-            self.weight_dtype = torch.float32
-        try:
-            super().setup()
-        finally:
-            self.weight_dtype = mixed
-        if mixed != torch.float32:
-            for module in (self.vae, self.text_encoder, self.unet):
-                if not any(p.requires_grad for p in module.parameters()):
-                    module.to(dtype=mixed)
+        super().setup()
         if self.options.with_prior_preservation:
             self.accelerator.wait_for_everyone()  # every process counted the class images before anyone writes
             self.generate_class_images()
@@ -425,13 +413,14 @@ class DreamBooth(TextToImageMethod):
 
     def configure_trainable(self) -> None:
         if self.options.use_lora:
-            add_lora(self.unet, self.text_encoder, self.options)
+            add_lora(self.parts(), self.options, self.family.text_encoders)
             return
         self.unet.requires_grad_(True)
         self.unet.train()
         if self.options.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
-            self.text_encoder.train()
+            for text_encoder in self.text_encoders.values():
+                text_encoder.requires_grad_(True)
+                text_encoder.train()
 
     # -- class images ------------------------------------------------------------------------------------------------
     def class_generation_inputs(self, num_images: int) -> dict[str, Any]:
@@ -461,7 +450,8 @@ class DreamBooth(TextToImageMethod):
         if mine:
             resolution = self.config.data.resolution
             steps = self.options.class_inference_steps or self.config.diffusion.num_inference_steps
-            with eval_mode(self.unwrap(self.unet), self.unwrap(self.text_encoder)):
+            parts = self.parts(unwrap=True)
+            with eval_mode(parts["unet"], *(parts[name] for name in self.family.text_encoders)):
                 pipe = self.pipeline()
                 pipe.set_progress_bar_config(disable=True)
                 batch_size = self.options.sample_batch_size
@@ -508,22 +498,12 @@ class DreamBooth(TextToImageMethod):
         return classes
 
     # -- outputs -----------------------------------------------------------------------------------------------------
-    def base_component(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    def base_component(self, name: str) -> torch.nn.Module:
         """A frozen component as the base model has it: reloaded when it was cast to a lower precision here."""
-        if self.weight_dtype == torch.float32:
+        module = self.unwrap(getattr(self, name))
+        if all(p.dtype == torch.float32 for p in module.parameters()):
             return module
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel
-
-        model = self.config.model
-        loader = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
-        return loader.from_pretrained(
-            model.pretrained_model_name_or_path,
-            subfolder=name,
-            revision=model.revision,
-            variant=model.variant,
-            use_safetensors=None if model.allow_pickle else True,
-        )
+        return self.family.load_component(self.config, name)
 
     def base_scheduler(self):
         """The base model's own sampling scheduler (what users of the saved pipeline expect), with this run's
@@ -541,25 +521,18 @@ class DreamBooth(TextToImageMethod):
         return scheduler_class.from_config({**config, "prediction_type": self.prediction_type})
 
     def save(self, output_dir: Path) -> None:
-        unet, text_encoder = self.unwrap(self.unet), self.unwrap(self.text_encoder)
         if self.options.use_lora:
-            save_lora(output_dir, unet, text_encoder, pipeline_class=self.pipeline_class())
+            modules = lora_modules(self)
+            save_lora(output_dir, modules, self.family, inpainting=self.inpainting)
             if self.options.export_kohya:
-                save_kohya(output_dir, unet, text_encoder)
+                save_kohya(output_dir, modules, self.family)
             return
-        if not self.text_encoder_trains:
-            text_encoder = self.base_component("text_encoder", text_encoder)
-        pipe = self.pipeline_class()(
-            vae=self.base_component("vae", self.vae),
-            text_encoder=text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet,
-            scheduler=self.base_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
+        # the complete pipeline of the family: trained parts as trained (fp32), frozen ones as the base has them
+        parts = self.parts(unwrap=True)
+        for name in ("vae", *self.family.text_encoders):
+            if not any(p.requires_grad for p in parts[name].parameters()):
+                parts[name] = self.base_component(name)
+        pipe = self.family.pipeline(parts, self.base_scheduler(), inpainting=self.inpainting)
         pipe.save_pretrained(output_dir, safe_serialization=True)
 
     def usage_imports(self) -> str:
@@ -573,16 +546,15 @@ class DreamBooth(TextToImageMethod):
     def card(self) -> dict[str, Any]:
         base = self.config.model.pretrained_model_name_or_path
         prompt = self.validation_prompts()[0]
-        pipeline = self.pipeline_name
         if self.options.use_lora:
             facts = lora_card(self, self.options.trigger)
             load = (
-                f'pipe = {pipeline}.from_pretrained("{base}")\n'
+                f"{self.usage_loading(base)}\n"
                 'pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors'
             )
         else:
-            facts = {"base_model": base, "tags": ["text-to-image", "stable-diffusion"]}
-            load = f'pipe = {pipeline}.from_pretrained("OUTPUT_DIR_OR_REPO_ID")  # the complete fine-tuned pipeline'
+            facts = {"base_model": base, "tags": ["text-to-image", self.family.name]}
+            load = f"{self.usage_loading('OUTPUT_DIR_OR_REPO_ID')}  # the complete fine-tuned pipeline"
         prior = (
             f" with prior preservation ({len(self.train_dataset.source.classes)} class images of "
             f"'{self.options.class_prompt}', prior_loss_weight {self.options.prior_loss_weight})"
@@ -600,9 +572,7 @@ class DreamBooth(TextToImageMethod):
                 f"`{base}` on the images in `{self.options.instance_data_dir}`{prior}. Put `{self.options.trigger}` "
                 f"in the prompt, as in the instance prompt `{prompt}`."
             ),
-            "usage": f"""
-from diffusers import {pipeline}{self.usage_imports()}
-
+            "usage": f"""{self.usage_imports()}
 {load}
 {self.usage_call(prompt)}
 """,

@@ -145,7 +145,7 @@ class Inpainting(DreamBooth):
     needs_pixels_with_cache = True  # the masked image is made from the pixels every step
     summary = "DreamBooth for 9-channel inpainting models (full or LoRA, prior preservation), random or user masks"
     Options = InpaintingOptions
-    pipeline_name = "StableDiffusionInpaintPipeline"
+    inpainting = True
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -260,13 +260,12 @@ class Inpainting(DreamBooth):
         pixels = batch["pixel_values"].to(self.device, torch.float32)
         masked = pixels * (mask < 0.5)
         with torch.no_grad():
-            latents = self.vae.encode(masked.to(self.weight_dtype)).latent_dist.mode().float()
+            latents = self.vae.encode(masked.to(self.vae.dtype)).latent_dist.mode().float()
         masked_latents = latents * self.vae.config.scaling_factor
         return torch.cat([F.interpolate(mask, size=latent_size), masked_latents], dim=1)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        model_input = torch.cat([noisy, self.inpainting_conditioning(batch, tuple(noisy.shape[-2:]))], dim=1)
-        return self.unet(model_input, timesteps, encoder_hidden_states=self.text_conditioning(batch)).sample
+    def model_input(self, noisy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return torch.cat([noisy, self.inpainting_conditioning(batch, tuple(noisy.shape[-2:]))], dim=1)
 
     # -- sampling ----------------------------------------------------------------------------------------------------
     def class_generation_inputs(self, num_images: int) -> dict[str, Any]:
@@ -277,7 +276,9 @@ class Inpainting(DreamBooth):
             "strength": 1.0,
         }
 
-    def validation_inputs(self) -> tuple[Image.Image, Image.Image]:
+    def validation_pair(self) -> tuple[Image.Image, Image.Image]:
+        """The image and mask of the sample grids: validation_image/mask, or the first instance image with its own
+        mask or a centred square."""
         if getattr(self, "_validation", None) is None:
             resolution, options = self.config.data.resolution, self.options
             source = self.train_dataset.source
@@ -295,8 +296,8 @@ class Inpainting(DreamBooth):
             self._validation = tensor_to_image(image), tensor_to_image(mask)
         return self._validation
 
-    def sampling_inputs(self, num_images: int) -> dict[str, Any]:
-        image, mask = self.validation_inputs()
+    def validation_inputs(self, num_images: int) -> dict[str, Any]:
+        image, mask = self.validation_pair()
         return {"image": [image] * num_images, "mask_image": [mask] * num_images}
 
     def usage_imports(self) -> str:

@@ -19,7 +19,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,10 @@ import torch
 from finetune.config import Config, ConfigError, option
 from finetune.data import build_image_source
 from finetune.digits import DIGIT_NAMES
+from finetune.families import get_family
 from finetune.methods.autoencoder import load_autoencoder
 from finetune.methods.base import eval_mode
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,11 @@ class LatentDiffusion(TextToImageMethod):
         return captions[0] if captions else "a photo"
 
     # -- models ------------------------------------------------------------------------------------------------------
-    def load_components(self) -> SimpleNamespace:
+    def resolve_family(self):
+        """A model built here is a Stable Diffusion 1.x-shaped pipeline (one CLIP encoder, a UNet, a VAE)."""
+        return get_family("sd")
+
+    def load_components(self) -> dict[str, Any]:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -274,7 +278,7 @@ class LatentDiffusion(TextToImageMethod):
                 f"the autoencoder takes {vae.config.in_channels}-channel images: set "
                 f"data.channels={vae.config.in_channels}"
             )
-        return SimpleNamespace(
+        return dict(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
         )
 
@@ -336,9 +340,7 @@ class LatentDiffusion(TextToImageMethod):
                 f"({'trained' if self.options.train_text_encoder else 'frozen'}).{held_out}"
             ),
             "usage": f"""
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("OUTPUT_DIR_OR_REPO_ID")
+{self.usage_loading("OUTPUT_DIR_OR_REPO_ID")}
 image = pipe("{self.validation_prompts()[0]}", height={resolution}, width={resolution}, guidance_scale=3.0).images[0]
 """,
         }

@@ -1,8 +1,9 @@
-"""LoRA text-to-image fine-tuning of Stable Diffusion (Hu et al. 2021, through peft).
+"""LoRA text-to-image fine-tuning (Hu et al. 2021, through peft) of any text-to-image family (SD 1.x/2.x, SDXL).
 
-Trains: LoRA layers on the UNet attention projections (optionally the text encoder's); everything else is frozen in
-the mixed-precision dtype. Loss: the diffusion objective on VAE latents conditioned on the captions. Saves:
-`pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(output_dir)`), optionally a kohya/WebUI file.
+Trains: LoRA layers on the UNet attention projections (optionally every text encoder's: one for SD, two for SDXL);
+everything else is frozen in the mixed-precision dtype. Loss: the diffusion objective on VAE latents conditioned on
+the captions. Saves: `pytorch_lora_weights.safetensors` in the layout of the family's pipeline
+(`pipe.load_lora_weights(output_dir)`), optionally a kohya/WebUI file (`lora_te1_`/`lora_te2_` for SDXL).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.adapters import LoraOptions, add_lora, save_kohya, save_lora
-from finetune.families import get_family
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 
 @dataclass
@@ -28,35 +28,38 @@ def lora_card(method, trigger: str | None = None) -> dict[str, Any]:
     prompt = trigger or method.validation_prompts()[0]
     return {
         "base_model": base,
-        "tags": ["lora", "text-to-image", "stable-diffusion"],
+        "tags": ["lora", "text-to-image", method.family.name],
         "trigger": trigger,
         "usage": f"""
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+{method.usage_loading(base)}
 pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors
 image = pipe("{prompt}", num_inference_steps=30).images[0]
 """,
     }
 
 
+def lora_modules(method) -> dict:
+    """The denoiser and the text encoders, unwrapped: what carries the LoRA layers when saving."""
+    return {"unet": method.unwrap(method.unet), **{n: method.unwrap(m) for n, m in method.text_encoders.items()}}
+
+
 class LoraTextToImage(TextToImageMethod):
     name = "lora"
-    summary = "LoRA text-to-image fine-tuning of Stable Diffusion on captioned images (folder, .txt captions, Hub)"
+    summary = "LoRA text-to-image fine-tuning (SD 1.x/2.x, SDXL) on captioned images (folder, .txt captions, Hub)"
     Options = LoraTrainingOptions
 
     def configure_trainable(self) -> None:
-        add_lora({"unet": self.unet, "text_encoder": self.text_encoder}, self.options, ("text_encoder",))
+        add_lora(self.parts(), self.options, self.family.text_encoders)
 
     def default_prompt(self) -> str:
         captions = self.all_captions()
         return captions[0] if captions else "a photo"
 
     def save(self, output_dir: Path) -> None:
-        unet, text_encoder = self.unwrap(self.unet), self.unwrap(self.text_encoder)
-        save_lora(output_dir, {"unet": unet, "text_encoder": text_encoder}, get_family("sd"))
+        modules = lora_modules(self)
+        save_lora(output_dir, modules, self.family, inpainting=self.inpainting)
         if self.options.export_kohya:
-            save_kohya(output_dir, {"unet": unet, "text_encoder": text_encoder}, get_family("sd"))
+            save_kohya(output_dir, modules, self.family)
 
     def card(self) -> dict[str, Any]:
         return lora_card(self)

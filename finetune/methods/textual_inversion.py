@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from finetune.config import Config, ConfigError, option
 from finetune.data import build_image_source
-from finetune.stable_diffusion import TextToImageMethod, TextToImageOptions
+from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +194,21 @@ class TextualInversion(TextToImageMethod):
 
     # -- what trains -------------------------------------------------------------------------------------------------
     def configure_trainable(self) -> None:
-        tokenizer, text_encoder, options = self.tokenizer, self.text_encoder, self.options
+        """New rows in every text encoder's input embeddings (SDXL: both), each initialised from initializer_token."""
+        self.placeholder_ids: dict[str, list[int]] = {}
+        for tokenizer_name, encoder_name in zip(self.family.tokenizers, self.family.text_encoders):
+            tokenizer, text_encoder = getattr(self, tokenizer_name), getattr(self, encoder_name)
+            self.placeholder_ids[encoder_name] = self.add_placeholder(tokenizer, text_encoder, tokenizer_name)
+
+    def add_placeholder(self, tokenizer, text_encoder, tokenizer_name: str) -> list[int]:
+        options = self.options
         initializer_ids = tokenizer.encode(options.initializer_token, add_special_tokens=False)
         if len(initializer_ids) != 1:
             pieces = tokenizer.convert_ids_to_tokens(initializer_ids)
             raise ConfigError(
                 f"textual_inversion.initializer_token {options.initializer_token!r} must be a single token of the "
-                f"base model's tokenizer, but it becomes {len(pieces)}: {pieces}. Choose a simpler word close to "
-                "the concept (e.g. 'toy', 'cat', 'painting')."
+                f"base model's {tokenizer_name}, but it becomes {len(pieces)}: {pieces}. Choose a simpler word close "
+                "to the concept (e.g. 'toy', 'cat', 'painting')."
             )
         vocab = tokenizer.get_vocab()
         taken = [t for t in options.placeholder_tokens if t in vocab]
@@ -218,46 +225,60 @@ class TextualInversion(TextToImageMethod):
                 f"'<{options.placeholder_token}>'"
             )
         tokenizer.add_tokens(options.placeholder_tokens)
-        self.placeholder_ids = tokenizer.convert_tokens_to_ids(options.placeholder_tokens)
+        ids = tokenizer.convert_tokens_to_ids(options.placeholder_tokens)
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set right below
         embeddings = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            embeddings[self.placeholder_ids] = embeddings[initializer_ids[0]].clone()
+            embeddings[ids] = embeddings[initializer_ids[0]].clone()
         embeddings.requires_grad_(True)
         logger.info(
-            "textual inversion: %s (ids %s) initialised from %r",
+            "textual inversion: %s (ids %s of the %s) initialised from %r",
             options.placeholder_tokens,
-            self.placeholder_ids,
+            ids,
+            tokenizer_name,
             options.initializer_token,
         )
+        return ids
 
-    def before_training(self) -> None:
-        super().before_training()
-        # the rows that must not change, as they are now (after the trainable matrix was cast to fp32)
-        weight = self.embedding_weight()
-        self.original_embeddings = weight.detach().clone()
+    def before_training(self, ema) -> None:
+        super().before_training(ema)
+        # the rows that must not change, as they are now (after the trainable matrices were cast to fp32)
+        self.original_embeddings = {name: w.detach().clone() for name, w in self.embedding_weights().items()}
 
-    def embedding_weight(self) -> torch.nn.Parameter:
-        return self.unwrap(self.text_encoder).get_input_embeddings().weight
+    def embedding_weights(self) -> dict[str, torch.nn.Parameter]:
+        return {name: self.unwrap(m).get_input_embeddings().weight for name, m in self.text_encoders.items()}
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, step: int) -> None:
         """Only the placeholder rows learn: put every other row (moved by weight decay, Adam) back."""
-        weight = self.embedding_weight()
-        learned = weight[self.placeholder_ids].clone()
-        weight.copy_(self.original_embeddings)
-        weight[self.placeholder_ids] = learned
+        for name, weight in self.embedding_weights().items():
+            ids = self.placeholder_ids[name]
+            learned = weight[ids].clone()
+            weight.copy_(self.original_embeddings[name])
+            weight[ids] = learned
 
-    def learned_embeddings(self) -> torch.Tensor:
-        return self.embedding_weight()[self.placeholder_ids].detach().float().cpu().contiguous()
+    def learned_embeddings(self) -> dict[str, torch.Tensor]:
+        """Each text encoder's learned rows, [num_vectors, its width]."""
+        weights = self.embedding_weights()
+        return {
+            name: weights[name][ids].detach().float().cpu().contiguous() for name, ids in self.placeholder_ids.items()
+        }
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def save(self, output_dir: Path) -> None:
+        """One encoder: `{token: tensor}`, as diffusers' textual_inversion.py writes it. Several (SDXL): one tensor per
+        encoder under the family's keys (`clip_l`, `clip_g`), the token in the metadata."""
         output_dir.mkdir(parents=True, exist_ok=True)
+        learned, token = self.learned_embeddings(), self.options.placeholder_token
+        keys = self.family.embedding_keys
+        tensors = (
+            {keys[name]: tensor for name, tensor in learned.items()} if keys else {token: learned["text_encoder"]}
+        )
         save_file(
-            {self.options.placeholder_token: self.learned_embeddings()},
+            tensors,
             str(output_dir / EMBEDDINGS_FILE),
             metadata={
+                "token": token,
                 "base_model": str(self.config.model.pretrained_model_name_or_path),
                 "initializer_token": self.options.initializer_token,
                 "num_vectors": str(self.options.num_vectors),
@@ -268,9 +289,21 @@ class TextualInversion(TextToImageMethod):
         base = self.config.model.pretrained_model_name_or_path
         token = self.options.placeholder_token
         prompt = next((p for p in self.validation_prompts() if token in p), self.default_prompt())
+        keys = self.family.embedding_keys
+        if keys:
+            lines = ["from safetensors.torch import load_file", "", 'state = load_file("learned_embeds.safetensors")']
+            for encoder, key in keys.items():
+                tokenizer = encoder.replace("text_encoder", "tokenizer")
+                lines.append(
+                    f'pipe.load_textual_inversion(state["{key}"], token="{token}", text_encoder=pipe.{encoder}, '
+                    f"tokenizer=pipe.{tokenizer})"
+                )
+            load = "\n".join(lines)
+        else:
+            load = f'pipe.load_textual_inversion("OUTPUT_DIR_OR_REPO_ID")  # {EMBEDDINGS_FILE}: adds {token}'
         return {
             "base_model": base,
-            "tags": ["textual-inversion", "text-to-image", "stable-diffusion"],
+            "tags": ["textual-inversion", "text-to-image", self.family.name],
             "trigger": token,
             "description": (
                 f"Textual Inversion embedding for `{token}` ({self.options.num_vectors} vector(s), initialised from "
@@ -278,10 +311,8 @@ class TextualInversion(TextToImageMethod):
                 "trained with difftune method `textual_inversion`. Write the placeholder in your prompts."
             ),
             "usage": f"""
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
-pipe.load_textual_inversion("OUTPUT_DIR_OR_REPO_ID")  # {EMBEDDINGS_FILE}: adds {token}
+{self.usage_loading(base)}
+{load}
 image = pipe("{prompt}", num_inference_steps=30).images[0]
 """,
         }

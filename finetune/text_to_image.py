@@ -1,8 +1,10 @@
-"""What every Stable Diffusion method shares: loading the components, text conditioning, latent and text-embedding
-caches, and validation through a plain `StableDiffusionPipeline` built from the modules being trained.
+"""What every text-to-image method shares, whatever the model family: loading the family's components, text
+conditioning, latent and text-embedding caches, the denoiser call, and validation through the family's plain
+diffusers pipeline built from the modules being trained.
 
 A method subclasses `TextToImageMethod` and says which parameters train (`configure_trainable`), where its images
-and captions come from (`build_source`, `caption_for`) and what it saves.
+and captions come from (`build_source`, `caption_for`) and what it saves. It never names a family or a pipeline
+class: `self.family` (finetune/families/) answers for SD 1.x/2.x, SDXL and the families after them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -22,18 +23,18 @@ from safetensors.torch import load_file, save_file
 from finetune import atomic, diffusion
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
+from finetune.families import family_of_pipeline, get_family, supported
+from finetune.families.base import MODEL_KEY, Family, pipeline_class_name
 from finetune.methods.base import DenoisingMethod, eval_mode
 
 logger = logging.getLogger(__name__)
-
-COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
 
 @dataclass
 class TextToImageOptions:
     cache: Literal["none", "memory", "disk"] = option(
         "none",
-        "Encode every image with the VAE (and every caption with a frozen text encoder) once before training: "
+        "Encode every image with the VAE (and every caption with frozen text encoders) once before training: "
         "'memory', or 'disk' (safetensors reused by later runs on the same data).",
     )
     cache_dir: str | None = option(None, "Folder of the disk cache. None: <output_dir>/.cache.")
@@ -50,69 +51,53 @@ class TextToImageOptions:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
-def load_components(config: Config, pipeline_name: str = "StableDiffusionPipeline") -> SimpleNamespace:
-    """tokenizer, text_encoder, vae, unet and noise scheduler of a Stable Diffusion 1.x/2.x pipeline folder or Hub id.
-
-    Weights load from safetensors only, unless model.allow_pickle is set.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def resolve_family(config: Config) -> Family:
+    """The family of the base model: read from its model_index.json, checked against `model.family` when a recipe
+    names one (an SD 1.5 folder given to an SDXL recipe, or the other way round, is one clear line)."""
     model = config.model
-    path = model.pretrained_model_name_or_path
-    if not path:
+    found = pipeline_class_name(str(model.pretrained_model_name_or_path), model.revision)
+    where = f"{MODEL_KEY} {str(model.pretrained_model_name_or_path)!r}"
+    detected = family_of_pipeline(found, where) if found else None
+    if model.family == "auto":
+        if detected is None:  # model_index.json unreadable here: the loaders say why; SD 1.x has the fewest parts
+            return get_family("sd")
+        return detected
+    declared = get_family(model.family)
+    if detected is not None and detected.name != declared.name:
         raise ConfigError(
-            f"model.pretrained_model_name_or_path is required: a {pipeline_name} folder or Hub id such as "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+            f"{where} is a {found} (family {detected.name!r}), but model.family is {declared.name!r}: use a "
+            f"{detected.name} recipe (finetune/recipes/{detected.name}_*.yaml) or set model.family={detected.name} "
+            f"(supported families: {supported()})"
         )
-    from finetune.preflight import check_model_path, describe_load_error
+    return declared
 
-    key = "model.pretrained_model_name_or_path"
-    pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
-    # missing folder, no model_index.json, corrupt safetensors, offline without the files: said before any load
-    check_model_path(path, key, "pipeline", pickle_hint, model.revision, COMPONENTS)
-    local = Path(path).expanduser()
-    if local.exists():
-        missing = [name for name in COMPONENTS if not (local / name).is_dir()]
-        if missing:
-            raise ConfigError(
-                f"model.pretrained_model_name_or_path: {path!r} is not a complete {pipeline_name} folder: missing "
-                f"{', '.join(missing)} (expected subfolders: {', '.join(COMPONENTS)})"
-            )
-    weights = dict(
-        revision=model.revision, variant=model.variant, use_safetensors=None if model.allow_pickle else True
-    )
-    loaders = {
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=model.revision),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
-        "vae": lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
-        "noise_scheduler": lambda: DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=model.revision),
-    }
-    parts = {}
-    for name, load in loaders.items():
+
+def local_family(config: Config) -> Family:
+    """The family as far as it is known without a download: a local folder's model_index.json, else the one the
+    recipe names, else SD 1.x (what preflight needs to list the subfolders a folder must have)."""
+    model = config.model
+    local = Path(str(model.pretrained_model_name_or_path or "")).expanduser()
+    found = pipeline_class_name(str(local)) if local.is_dir() else None
+    if found:
         try:
-            parts[name] = load()
-        except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, hub errors: one line each
-            raise ConfigError(describe_load_error(err, str(path), key, name, pickle_hint)) from err
-    if parts["tokenizer"].model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
-        parts["tokenizer"].model_max_length = parts["text_encoder"].config.max_position_embeddings
-    if config.diffusion.prediction_type is not None:
-        parts["noise_scheduler"].register_to_config(prediction_type=config.diffusion.prediction_type)
-    return SimpleNamespace(**parts)
+            return family_of_pipeline(found, MODEL_KEY)
+        except ConfigError:
+            pass  # resolve_family says so, with the supported families
+    return get_family("sd" if model.family == "auto" else model.family)
 
 
 class LatentCache:
-    """VAE posterior moments per (row, flipped), and text embeddings per caption, computed once."""
+    """VAE posterior moments per (row, flipped), and the text conditioning (a few named tensors) per caption."""
 
     def __init__(self):
         self.moments: dict[tuple[int, bool], torch.Tensor] = {}
-        self.text: dict[str, torch.Tensor] = {}
+        self.text: dict[str, dict[str, torch.Tensor]] = {}
 
     def save(self, path: Path, fingerprint: str) -> None:
         tensors = {f"m/{row}/{int(flip)}": t.contiguous() for (row, flip), t in self.moments.items()}
         texts = sorted(self.text)
-        tensors.update({f"t/{i}": self.text[text].contiguous() for i, text in enumerate(texts)})
+        for i, text in enumerate(texts):
+            tensors.update({f"t/{i}/{key}": value.contiguous() for key, value in self.text[text].items()})
         then = "run the training again, or keep the cache in memory (e.g. lora.cache=memory)"
         with atomic.atomic_path(path, then=then) as staging:  # a killed job never leaves half a cache to load
             save_file(tensors, str(staging), metadata={"fingerprint": fingerprint, "texts": json.dumps(texts)})
@@ -134,14 +119,15 @@ class LatentCache:
             if kind == "m":
                 cache.moments[(int(rest[0]), bool(int(rest[1])))] = value
             else:
-                cache.text[texts[int(rest[0])]] = value
+                cache.text.setdefault(texts[int(rest[0])], {})[rest[1]] = value
         return cache
 
 
 class TextToImageMethod(DenoisingMethod):
-    """A denoiser on VAE latents conditioned on CLIP text embeddings (Rombach et al. 2022)."""
+    """A denoiser on VAE latents conditioned on text (Rombach et al. 2022), through a model family."""
 
-    pipeline_name = "StableDiffusionPipeline"
+    # True: the family's inpainting pipeline, whose UNet also takes a mask and the masked image's latents
+    inpainting: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -174,36 +160,56 @@ class TextToImageMethod(DenoisingMethod):
         """Mark what trains (LoRA layers, the UNet, embedding rows); everything starts frozen."""
         raise NotImplementedError
 
-    @property
-    def text_encoder_trains(self) -> bool:
-        return any(p.requires_grad for p in self.unwrap(self.text_encoder).parameters())
-
     def default_prompt(self) -> str:
         return "a photo"
 
+    # -- components --------------------------------------------------------------------------------------------------
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The family's text encoders by component name (text_encoder, and text_encoder_2 for SDXL)."""
+        return {name: getattr(self, name) for name in self.family.text_encoders}
+
+    def parts(self, unwrap: bool = False) -> dict[str, Any]:
+        """Every component by name, as the family takes them (unwrapped from DDP for pipelines and saving)."""
+        names = [*self.family.tokenizers, *self.family.text_encoders, "vae", "unet"]
+        modules = {name: getattr(self, name) for name in names}
+        if unwrap:
+            modules = {n: self.unwrap(m) if isinstance(m, torch.nn.Module) else m for n, m in modules.items()}
+        return modules
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return any(p.requires_grad for m in self.text_encoders.values() for p in self.unwrap(m).parameters())
+
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        # data first: a wrong column or an empty folder fails before the models load
+        # data first: a wrong column or an empty folder fails before the models load (the model path was checked)
         source = self.build_source()
-        parts = self.load_components()
-        self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
-        self.unet, self.noise_scheduler = parts.unet, parts.noise_scheduler
+        self.family = self.resolve_family()
+        for name, part in self.load_components().items():
+            setattr(self, name, part)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.check_models()
-        for module in (self.vae, self.text_encoder, self.unet):
+        self.vae.requires_grad_(False)
+        self.vae.to(self.device).eval()
+        vae_dtype = self.family.vae_dtype(self.config, self.weight_dtype)
+        if self.vae.dtype != vae_dtype:  # (diffusers warns about every dtype cast, even a no-op one)
+            self.vae.to(dtype=vae_dtype)
+        denoiser_and_text = [self.unet, *self.text_encoders.values()]
+        for module in denoiser_and_text:
             module.requires_grad_(False)
-            module.to(self.device, dtype=self.weight_dtype)  # frozen weights in the mixed-precision dtype
-        self.vae.eval()
-        self.text_encoder.eval()
+            module.eval()
         self.configure_trainable()
-        for module in (self.unet, self.text_encoder):
+        for module in denoiser_and_text:
+            # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first
+            module.to(self.device)
             for parameter in module.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()  # trainable parameters stay fp32
+                parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else self.weight_dtype)
         if self.config.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.text_encoder_trains:
-                self.text_encoder.gradient_checkpointing_enable()
+            for module in self.text_encoders.values():
+                if any(p.requires_grad for p in module.parameters()):
+                    module.gradient_checkpointing_enable()
         self.train_dataset = TrainingExamples(
             source,
             self.config.train.seed,
@@ -213,17 +219,21 @@ class TextToImageMethod(DenoisingMethod):
         )
         self.cache: LatentCache | None = None
 
-    def load_components(self) -> SimpleNamespace:
-        """tokenizer, text_encoder, vae, unet, noise_scheduler: the base pipeline's (a method that builds new ones,
-        such as latent diffusion from scratch, overrides this)."""
-        return load_components(self.config, self.pipeline_name)
+    def resolve_family(self) -> Family:
+        return resolve_family(self.config)
+
+    def load_components(self) -> dict[str, Any]:
+        """The base pipeline's components, from the family (a method that builds new ones, such as latent diffusion
+        from scratch, overrides this)."""
+        return self.family.load(self.config)
 
     def check_models(self) -> None:
-        if self.unet.config.in_channels != self.vae.config.latent_channels:
+        expected = self.vae.config.latent_channels
+        if self.unet.config.in_channels != expected:
             raise ConfigError(
                 f"the UNet of {self.config.model.pretrained_model_name_or_path!r} takes "
-                f"{self.unet.config.in_channels} input channels, not the VAE's {self.vae.config.latent_channels}: "
-                "an inpainting model needs the 'inpainting' method"
+                f"{self.unet.config.in_channels} input channels, not the VAE's {expected}: an inpainting model needs "
+                "the 'inpainting' method"
             )
 
     def make_example(self, example: dict, rng: np.random.Generator) -> dict:
@@ -235,14 +245,13 @@ class TextToImageMethod(DenoisingMethod):
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         modules = {}
-        if any(p.requires_grad for p in self.unwrap(self.unet).parameters()):
-            modules["unet"] = self.unet
-        if self.text_encoder_trains:
-            modules["text_encoder"] = self.text_encoder
+        for name, module in {"unet": self.unet, **self.text_encoders}.items():
+            if any(p.requires_grad for p in self.unwrap(module).parameters()):
+                modules[name] = module
         return modules
 
     # -- caching -----------------------------------------------------------------------------------------------------
-    def before_training(self) -> None:
+    def before_training(self, ema) -> None:
         if self.options.cache == "none":
             return
         cache_dir = Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
@@ -268,6 +277,8 @@ class TextToImageMethod(DenoisingMethod):
         key = [
             self.config.model.pretrained_model_name_or_path,
             self.config.model.revision,
+            self.config.model.vae,
+            self.family.name,
             data.dataset,
             data.resolution,
             data.center_crop,
@@ -288,7 +299,7 @@ class TextToImageMethod(DenoisingMethod):
         batch_rows, batch_pixels = [], []
 
         def flush():
-            pixels = torch.stack(batch_pixels).to(self.device, self.weight_dtype)
+            pixels = torch.stack(batch_pixels).to(self.device, self.vae.dtype)
             moments = self.vae.encode(pixels).latent_dist.parameters.float().cpu()
             for key, value in zip(batch_rows, moments):
                 cache.moments[key] = value
@@ -306,9 +317,8 @@ class TextToImageMethod(DenoisingMethod):
         if batch_rows:
             flush()
         if not self.text_encoder_trains:
-            texts = {""} | set(self.all_captions())
-            for text in sorted(texts):
-                cache.text[text] = self.encode_text([text])[0].cpu()
+            for text in sorted({""} | set(self.all_captions())):
+                cache.text[text] = {key: value[0].cpu() for key, value in self.encode_text([text]).items()}
         return cache
 
     def all_captions(self) -> list[str]:
@@ -325,24 +335,16 @@ class TextToImageMethod(DenoisingMethod):
         return [c for c in captions if isinstance(c, str)]
 
     # -- training ----------------------------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenize(texts).to(self.device))[0]
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The family's conditioning of each text (prompt embeddings, and SDXL's pooled embedding)."""
+        return self.family.encode_prompt(self.parts(), texts, self.device)
 
     def latent_moments(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.cache is not None:
             keys = zip(batch["row"].tolist(), batch["flipped"].tolist())
             return torch.stack([self.cache.moments[(row, bool(flip))] for row, flip in keys]).to(self.device)
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+            pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
             return self.vae.encode(pixels).latent_dist.parameters.float()
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -354,51 +356,49 @@ class TextToImageMethod(DenoisingMethod):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
-    def text_conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
+    def text_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.cache is not None and self.cache.text:
-            return torch.stack([self.cache.text[text] for text in batch["text"]]).to(self.device)
+            rows = [self.cache.text[text] for text in batch["text"]]
+            return {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
         if self.text_encoder_trains:
             return self.encode_text(batch["text"])
         with torch.no_grad():
             return self.encode_text(batch["text"])
 
+    def model_input(self, noisy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """What the denoiser takes besides the time and the text: the noisy latents (inpainting adds its mask and
+        masked-image channels)."""
+        return noisy
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=self.text_conditioning(batch)).sample
+        conditioning = self.text_conditioning(batch)
+        return self.family.denoise(self.unet, self.model_input(noisy, batch), timesteps, conditioning, batch)
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def pipeline_class(self):
-        """The diffusers pipeline class named by `pipeline_name` (text-to-image or inpainting)."""
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_name)
+        """The family's diffusers pipeline class for this method (text-to-image or inpainting)."""
+        return self.family.pipeline_class(self.inpainting)
 
     def pipeline(self):
         """Validation (and class-image) pipeline from the modules being trained, DDIM sampling."""
         from diffusers import DDIMScheduler
 
-        return self.pipeline_class()(
-            vae=self.vae,
-            text_encoder=self.unwrap(self.text_encoder),
-            tokenizer=self.tokenizer,
-            unet=self.unwrap(self.unet),
-            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
+        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        return self.family.pipeline(self.parts(unwrap=True), scheduler, inpainting=self.inpainting)
 
     def validation_prompts(self) -> list[str]:
         return self.options.validation_prompts or [self.default_prompt()]
 
-    def sampling_inputs(self, num_images: int) -> dict[str, Any]:
-        """Pipeline arguments besides prompts, steps and seed (an inpainting pipeline needs an image and a mask)."""
+    def validation_inputs(self, num_images: int) -> dict[str, Any]:
+        """Pipeline arguments of sample grids besides prompts, steps and seed (an inpainting pipeline needs an image
+        and a mask)."""
         return {}
 
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
         prompts = self.validation_prompts()
-        with eval_mode(self.unwrap(self.unet), self.unwrap(self.text_encoder)):
+        parts = self.parts(unwrap=True)
+        with eval_mode(parts["unet"], *(parts[name] for name in self.family.text_encoders)):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(seed)
@@ -410,5 +410,10 @@ class TextToImageMethod(DenoisingMethod):
                     generator=generator,
                     height=self.config.data.resolution,
                     width=self.config.data.resolution,
-                    **self.sampling_inputs(num_images),
+                    **self.validation_inputs(num_images),
                 ).images
+
+    def usage_loading(self, base: str, output: str = "OUTPUT_DIR_OR_REPO_ID") -> str:
+        """The model card's lines that build the pipeline: `from diffusers import ...` and `pipe = ...`."""
+        cls = self.pipeline_class().__name__
+        return f'from diffusers import {cls}\n\npipe = {cls}.from_pretrained("{base}")'
