@@ -135,11 +135,16 @@ def test_a_full_model_push_goes_to_the_folder_name_and_is_public_by_default(hub,
 
 
 @pytest.mark.parametrize("failing", ["create_repo", "upload_folder"])
-def test_a_failed_push_keeps_the_output_and_the_job_succeeds(hub, tmp_path, caplog, capfd, failing):
+def test_a_failed_push_keeps_the_output_and_the_job_fails(hub, tmp_path, caplog, capfd, failing):
+    from finetune.errors import RunError
+
     caplog.set_level(logging.DEBUG)
     hub.fail = failing
     recipe = tiny_ddpm_recipe(tmp_path / "run", hub={"push_to_hub": True, "hub_model_id": "someone/digits"})
-    out = run_training(recipe)  # returns normally
+    # everything asked for did not happen: a RunError (exit 1), after the local output is complete
+    with pytest.raises(RunError, match=r"push to the Hub \(someone/digits\) failed.*hf upload someone/digits"):
+        run_training(recipe)
+    out = tmp_path / "run"
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "config.yaml"):
         assert (out / name).is_file(), name
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
