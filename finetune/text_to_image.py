@@ -183,9 +183,10 @@ class TextToImageMethod(DenoisingMethod):
 
     # -- set-up ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        # data first: a wrong column or an empty folder fails before the models load (the model path was checked)
-        source = self.build_source()
+        # the family (model_index.json), then the data: a wrong recipe, a wrong column or an empty folder fails
+        # before the models load (the model path itself was checked before the job started)
         self.family = self.resolve_family()
+        source = self.build_source()
         for name, part in self.load_components().items():
             setattr(self, name, part)
         self.prediction_type = self.noise_scheduler.config.prediction_type

@@ -1,0 +1,275 @@
+"""The contract every text-to-image method keeps on every model family, as one table (peft's style): a new family or
+method adds rows to ROWS, not a test file of copies.
+
+For each row: train a few steps through the real entry point; save; load the result into the family's plain diffusers
+pipeline, where it changes the image (and a LoRA's unload restores it, and its kohya file reads back to the same
+image through diffusers' own conversion); only the intended parameters changed; the loss with cached latents and text
+embeddings equals the uncached one; and a run SIGKILLed right after its first checkpoint, resumed with `latest`,
+ends with the weights of the uninterrupted run.
+
+The checks live here; tests/test_contract_<family>.py run the rows of one family each, so that pytest-xdist's
+`--dist loadfile` spreads the families over its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import assert_same_tensors, reset_accelerate, run_training, safetensors_in, sd_image
+from tests.tiny_models import make_test_images, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+
+TRIGGER_PROMPT = "a photo of sks toy"
+TOKEN = "<toy-cat>"
+BUILDERS = {
+    "sd": make_tiny_sd_pipeline,
+    "sdxl": make_tiny_sdxl_pipeline,
+    "sd-inpainting": lambda folder: make_tiny_sd_pipeline(folder, inpainting=True),
+}
+PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd-inpainting": "StableDiffusionInpaintPipeline",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method on one family: the recipe section and what the output is."""
+
+    name: str
+    family: str
+    method: str
+    options: dict = field(default_factory=dict)
+    output: str = "lora"  # lora | pipeline | embeddings
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.family}"
+
+
+def rows_of(family: str) -> list[Row]:
+    lora = {"rank": 4, "train_text_encoder": True, "export_kohya": True}
+    dreambooth = {"instance_prompt": TRIGGER_PROMPT}
+    prior = {"with_prior_preservation": True, "class_prompt": "a photo of toy", "num_class_images": 2}
+    prior.update(class_inference_steps=2, sample_batch_size=2)
+    ti = {"placeholder_token": TOKEN, "initializer_token": "toy", "num_vectors": 2}
+    rows = [
+        Row("lora", family, "lora", lora),
+        Row("dreambooth", family, "dreambooth", {**dreambooth, "train_text_encoder": True}, output="pipeline"),
+        Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, "use_lora": True, "rank": 4}),
+        Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"),
+    ]
+    if family == "sd":
+        rows.append(Row("inpainting-lora", "sd-inpainting", "inpainting", {**dreambooth, "use_lora": True}))
+    return rows
+
+
+# -- set-up -----------------------------------------------------------------------------------------------------------
+def make_bases(root: Path) -> dict[str, Path]:
+    """The tiny base models, captioned images and instance images the rows train on."""
+    paths = {name: build(root / name) for name, build in BUILDERS.items()}
+    captioned = root / "captioned"
+    images = make_test_images(captioned, 6, size=64)
+    captions = ["a red square", "a blue circle", "a green toy", "a photo of a cat", "two dots", "a toy on a table"]
+    lines = [json.dumps({"file_name": p.name, "text": c}) for p, c in zip(images, captions)]
+    (captioned / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    make_test_images(root / "instance", 4, size=64, seed=3)
+    return {**paths, "captioned": captioned, "instance": root / "instance", "root": root}
+
+
+def recipe(row: Row, bases: dict[str, Path], output_dir: Path, steps: int = 3, **sections) -> dict:
+    """A run of `steps` optimizer steps with a checkpoint after step 2; flips, caption dropout (where there are
+    captions) and a cosine schedule make every piece of state matter for the final weights."""
+    options = dict(row.options)
+    if row.method in ("dreambooth", "inpainting"):
+        options["instance_data_dir"] = str(bases["instance"])
+        if options.get("with_prior_preservation"):
+            options["class_data_dir"] = str(output_dir.parent / f"{output_dir.name}-class")
+    return {
+        "method": row.method,
+        "model": {"pretrained_model_name_or_path": str(bases[row.family]), "family": row.family.split("-")[0]},
+        "data": {"dataset": str(bases["captioned"]), "resolution": 64, "random_flip": True},
+        "optim": {"lr": 5e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 1},
+        "diffusion": {"num_inference_steps": 2},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_train_steps": steps,
+            "train_batch_size": 2,
+            "log_every": 1,
+            "num_samples": 1,
+            "report_to": "jsonl",
+            "progress_bar": False,
+        },
+        "checkpoint": {"checkpointing_steps": 2},
+        row.method: {"caption_dropout": 0.3, **options} if row.method == "lora" else options,
+        **sections,
+    }
+
+
+# -- the checks -------------------------------------------------------------------------------------------------------
+def pipeline_of(row: Row, folder: Path):
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[row.family]).from_pretrained(folder)
+
+
+def image(row: Row, pipe, prompt: str) -> np.ndarray:
+    if row.method == "inpainting":
+        from PIL import Image
+
+        pipe.set_progress_bar_config(disable=True)
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        return pipe(
+            prompt,
+            image=Image.new("RGB", (64, 64), (90, 120, 150)),
+            mask_image=mask,
+            num_inference_steps=2,
+            generator=torch.manual_seed(0),
+            output_type="np",
+        ).images
+    return sd_image(pipe, prompt)
+
+
+def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Path], out: Path) -> None:
+    from diffusers.training_utils import free_memory
+
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert losses and all(np.isfinite(losses)), losses
+    card = (out / "README.md").read_text()
+    assert PIPELINES[row.family] in card, "the card shows how to load it with the family's pipeline"
+    prompt = TRIGGER_PROMPT if row.method != "textual_inversion" else f"a photo of a {TOKEN}"
+    pipe = pipeline_of(row, bases[row.family])
+    before = image(row, pipe, prompt)
+    if row.output == "pipeline":
+        after = image(row, pipeline_of(row, out), prompt)
+    elif row.output == "embeddings":
+        from pipelines.load import load_embeddings
+
+        load_embeddings(pipe, str(out))
+        after = image(row, pipe, prompt)
+    else:
+        pipe.load_lora_weights(out)
+        after = image(row, pipe, prompt)
+        if row.options.get("export_kohya"):
+            # the kohya / WebUI file, read back by diffusers' own kohya conversion: the same image
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+            np.testing.assert_allclose(image(row, pipe, prompt), after, atol=2e-3)
+        pipe.unload_lora_weights()
+        np.testing.assert_allclose(image(row, pipe, prompt), before, atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3, "the trained output must change the image"
+    free_memory()
+
+
+def check_only_intended_parameters_changed(row: Row, bases: dict[str, Path], out: Path) -> None:
+    # what the checkpoint holds: the trained parameters of each trained module, one file per module
+    files = [load_file(str(p)) for p in sorted((out / "checkpoint-2").glob("trainable_*.safetensors"))]
+    trained = {key: value for state in files for key, value in state.items()}
+    base = bases[row.family]
+    if row.output == "lora":
+        assert trained and all("lora_" in key for key in trained), "only LoRA layers train"
+        text_keys = [k for k in load_file(str(out / "pytorch_lora_weights.safetensors")) if k.startswith("text_enc")]
+        assert bool(text_keys) == bool(row.options.get("train_text_encoder")), text_keys[:3]
+        if row.options.get("train_text_encoder") and row.family == "sdxl":
+            assert any(k.startswith("text_encoder_2.") for k in text_keys), "SDXL: both text encoders get a LoRA"
+    elif row.output == "pipeline":
+        # the trained UNet (and text encoders) differ from the base; the VAE is the base's, bit for bit
+        for component, should_change in (("unet", True), ("vae", False), ("text_encoder", True)):
+            ours = safetensors_in(out / component)
+            theirs = safetensors_in(base / component)
+            assert ours.keys() == theirs.keys()
+            changed = any(not torch.equal(ours[k], theirs[k]) for k in ours)
+            assert changed == should_change, component
+    else:  # textual inversion: every embedding row but the new ones is the base's, in every text encoder
+        saved = load_file(str(out / "learned_embeds.safetensors"))
+        assert len(files) == (2 if row.family == "sdxl" else 1), "one trained embedding matrix per text encoder"
+        assert all(len(state) == 1 for state in files), [list(state) for state in files]
+        assert all(value.shape[0] == 2 for value in saved.values()), "num_vectors rows per encoder"
+        from transformers import CLIPTextModel
+
+        original = CLIPTextModel.from_pretrained(base / "text_encoder").get_input_embeddings().weight
+        (matrix,) = files[0].values()  # the first text encoder's
+        assert torch.equal(matrix[: len(original)], original), "the existing rows never move"
+        assert not torch.equal(matrix[len(original) :], original[[0, 0]]), "the new rows learned"
+
+
+def check_cached_equals_uncached(row: Row, bases: dict[str, Path], root: Path) -> None:
+    """The same examples give the same loss whether latents and text embeddings come from the cache or not."""
+    from accelerate import Accelerator
+
+    from finetune.data import collate_examples
+    from finetune.methods import get_method_class
+    from finetune.recipe import load_config
+
+    losses = {}
+    for mode in ("none", "memory"):
+        reset_accelerate()
+        config = load_config(recipe(row, bases, root / f"cache-{mode}"), [f"{row.method}.cache={mode}"])
+        method = get_method_class(row.method)(config, Accelerator(cpu=True))
+        method.setup()
+        method.before_training(None)
+        batch = collate_examples([method.train_dataset[i] for i in range(4)])
+        torch.manual_seed(0)
+        losses[mode] = method.loss(batch)[0].item()
+    assert abs(losses["none"] - losses["memory"]) < 1e-5, losses
+
+
+def killed_after_the_first_checkpoint(recipe: dict) -> None:
+    """Run in a child process: train, and SIGKILL the process as soon as the first checkpoint is complete."""
+    from finetune import checkpoint
+
+    original = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_checkpoint = save_then_die
+    import finetune.train
+
+    finetune.train.ckpt.save_checkpoint = save_then_die
+    run_training(recipe)
+
+
+def check_sigkill_and_resume_equal_an_uninterrupted_run(row: Row, bases: dict[str, Path], straight: Path) -> None:
+    """A real SIGKILL right after checkpoint-2, from a fork server that imported torch and diffusers once (a fork of
+    pytest could inherit a lock held by one of its threads)."""
+    import multiprocessing
+
+    killed = straight.parent / f"{straight.name}-killed"
+    if row.options.get("with_prior_preservation"):  # the class images the straight run generated are reused
+        shutil.copytree(straight.parent / f"{straight.name}-class", killed.parent / f"{killed.name}-class")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["finetune.train", "finetune.methods.dreambooth", __name__])
+    process = context.Process(target=killed_after_the_first_checkpoint, args=(recipe(row, bases, killed),))
+    process.start()
+    process.join(timeout=300)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    assert process.exitcode == -signal.SIGKILL, f"the run ended with exit code {process.exitcode}, not by SIGKILL"
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = run_training(recipe(row, bases, killed), "checkpoint.resume_from_checkpoint=latest")
+    theirs = {k: v for k, v in safetensors_in(straight).items() if "class_images" not in k}
+    ours = {k: v for k, v in safetensors_in(resumed).items() if "class_images" not in k}
+    assert_same_tensors(ours, theirs, atol=0)
+
+
+def check_row(row: Row, bases: dict[str, Path]) -> None:
+    root = bases["root"] / row.id
+    straight = run_training(recipe(row, bases, root / "run"))
+    check_trains_saves_loads_and_changes_the_image(row, bases, straight)
+    check_only_intended_parameters_changed(row, bases, straight)
+    if row.method != "inpainting":  # the inpainting loss uses the pixels every step (the masked image)
+        check_cached_equals_uncached(row, bases, root)
+    check_sigkill_and_resume_equal_an_uninterrupted_run(row, bases, straight)

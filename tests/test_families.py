@@ -1,0 +1,114 @@
+"""Model families: each encodes text and calls its denoiser exactly as its diffusers pipeline does, is detected from
+model_index.json, and a base model given to the wrong family's recipe is one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.errors import InputError
+from finetune.families import family_names, get_family
+from finetune.recipe import load_config
+from finetune.text_to_image import resolve_family
+from tests.tiny_models import make_tiny_ddpm_pipeline, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {"sd": make_tiny_sd_pipeline(root / "sd"), "sdxl": make_tiny_sdxl_pipeline(root / "sdxl")}
+
+
+def lora_config(base, **model):
+    return load_config({"method": "lora", "model": {"pretrained_model_name_or_path": str(base), **model}})
+
+
+def test_the_registry_holds_one_file_per_family():
+    assert family_names() == ["sd", "sdxl"]
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_text_conditioning_is_the_pipelines_own(bases, name):
+    """The conditioning a family computes for training is what its pipeline computes at inference (SDXL: both
+    encoders' penultimate states concatenated, the second one's pooled projection)."""
+    import diffusers
+
+    family = get_family(name)
+    pipe = getattr(diffusers, family.text_to_image_pipeline).from_pretrained(bases[name])
+    parts = {n: getattr(pipe, n) for n in (*family.tokenizers, *family.text_encoders)}
+    prompts = ["a photo of a toy", "two dots"]
+    ours = family.encode_prompt(parts, prompts, torch.device("cpu"))
+    theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours["prompt_embeds"], theirs[0], rtol=0, atol=0)
+    if name == "sdxl":
+        torch.testing.assert_close(ours["pooled_prompt_embeds"], theirs[2], rtol=0, atol=0)
+        assert ours["prompt_embeds"].shape[-1] == pipe.unet.config.cross_attention_dim
+
+
+def test_sdxl_time_ids_come_from_each_examples_own_size_and_crop(bases):
+    """A 100x60 landscape centre-cropped to 64: original (60, 100), crop top-left (0, 26) in the 107x64 resize, and
+    the flip mirrors the crop as the diffusers SDXL script does; the ids are what the pipeline builds from them."""
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from finetune.data import image_to_tensor
+    from finetune.families.sdxl import add_time_ids
+
+    image = Image.new("RGB", (100, 60), (10, 20, 30))
+    by_flip: dict = {}
+    for seed in range(20):  # seeds until one example is flipped and one is not
+        sizes: dict = {}
+        _, flipped = image_to_tensor(image, 64, 3, np.random.default_rng(seed), True, True, sizes)
+        by_flip.setdefault(flipped, sizes)
+    examples = [by_flip[False], by_flip[True]]
+    assert examples[0]["original_size"].tolist() == [60, 100] and examples[0]["target_size"].tolist() == [64, 64]
+    assert examples[0]["crop_top_left"].tolist() == [0, 21] and examples[1]["crop_top_left"].tolist() == [0, 22]
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    ids = add_time_ids(batch, torch.device("cpu"), torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(bases["sdxl"])
+    projection = pipe.text_encoder_2.config.projection_dim
+    expected = pipe._get_add_time_ids((60, 100), (0, 21), (64, 64), torch.float32, projection)
+    torch.testing.assert_close(ids[:1], expected)
+
+
+def test_the_family_is_read_from_model_index_and_a_wrong_recipe_is_one_line(bases, tmp_path, capsys):
+    from finetune.__main__ import main
+
+    assert resolve_family(lora_config(bases["sd"])).name == "sd"
+    assert resolve_family(lora_config(bases["sdxl"])).name == "sdxl"
+    wrong = r"is a StableDiffusionXLPipeline \(family 'sdxl'\), but model.family is 'sd'"
+    with pytest.raises(InputError, match=wrong):
+        resolve_family(lora_config(bases["sdxl"], family="sd"))
+    with pytest.raises(InputError, match=r"StableDiffusionPipeline \(family 'sd'\), but model.family is 'sdxl'"):
+        resolve_family(lora_config(bases["sd"], family="sdxl"))
+    # an SD 1.5 recipe given an SDXL folder, from the command line: exit 2, one line naming the recipe to use
+    images = tmp_path / "images"
+    images.mkdir()
+    code = main(
+        [
+            "finetune/recipes/sd_lora.yaml",
+            f"model.pretrained_model_name_or_path={bases['sdxl']}",
+            f"data.dataset={images}",
+            f"train.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "model.family is 'sd'" in err and "finetune/recipes/sdxl_*.yaml" in err
+    # a pipeline of no supported family lists the supported ones
+    ddpm = make_tiny_ddpm_pipeline(tmp_path / "ddpm")
+    with pytest.raises(InputError, match=r"is a DDPMPipeline, which difftune does not train. Supported model famil"):
+        resolve_family(lora_config(ddpm))
+
+
+def test_an_sdxl_vae_stays_fp32_under_fp16_unless_a_fixed_vae_is_given(bases):
+    family = get_family("sdxl")
+    assert family.vae_dtype(lora_config(bases["sdxl"]), torch.float16) == torch.float32
+    assert family.vae_dtype(lora_config(bases["sdxl"]), torch.bfloat16) == torch.bfloat16
+    fixed = lora_config(bases["sdxl"], vae="madebyollin/sdxl-vae-fp16-fix")
+    assert family.vae_dtype(fixed, torch.float16) == torch.float16
+    assert "vae" not in family.subfolders(fixed) and "text_encoder_2" in family.subfolders(fixed)
+    assert json.loads((bases["sdxl"] / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
