@@ -28,6 +28,9 @@ class LoraOptions:
     )
     train_text_encoder: bool = option(False, "Also train a LoRA on the text encoder's attention projections.")
     text_encoder_rank: int | None = option(None, "Rank of the text-encoder LoRA. None: the same rank.")
+    text_encoder_lr: float | None = option(
+        None, "Learning rate of the text encoders (kohya's text_encoder_lr, often below the UNet's). None: optim.lr."
+    )
     export_kohya: bool = option(
         False, f"Also write {KOHYA_FILE} (kohya / WebUI key names, alpha as trained) for A1111, ComfyUI, Forge."
     )
@@ -37,6 +40,8 @@ class LoraOptions:
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise ConfigError(f"text_encoder_lr must be positive or null, got {self.text_encoder_lr}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
         if self.train_text_encoder and getattr(self, "use_lora", True):  # full DreamBooth trains the encoder itself

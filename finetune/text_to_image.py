@@ -251,6 +251,19 @@ class TextToImageMethod(DenoisingMethod):
                 modules[name] = module
         return modules
 
+    def parameter_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """With `text_encoder_lr` (LoRA and DreamBooth options, kohya's setting), the text encoders' parameters learn
+        at their own rate; the UNet's at optim.lr."""
+        text_lr = getattr(self.options, "text_encoder_lr", None)
+        if text_lr is None or not self.text_encoder_trains:
+            return super().parameter_groups(lr_scale)
+        text = {id(p) for m in self.text_encoders.values() for p in self.unwrap(m).parameters()}
+        parameters = self.trainable_parameters()
+        return [
+            {"params": [p for p in parameters if id(p) not in text]},
+            {"params": [p for p in parameters if id(p) in text], "lr": text_lr * lr_scale},
+        ]
+
     # -- caching -----------------------------------------------------------------------------------------------------
     def before_training(self, ema) -> None:
         if self.options.cache == "none":

@@ -46,7 +46,8 @@ from finetune.preflight import check_training_inputs
 logger = logging.getLogger("difftune")
 
 
-def build_optimizer(config: Config, parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over `parameters`: tensors, or param groups that may set their own lr."""
     optim = config.optim
     kwargs = dict(
         lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay
@@ -181,8 +182,8 @@ def train(config: Config) -> Path:
     # optimizer and LR schedule over the trainable parameters only
     modules = method.trainable_modules()
     parameters = method.trainable_parameters()
-    lr = config.optim.lr * global_batch if config.optim.scale_lr else config.optim.lr
-    optimizer = build_optimizer(config, parameters, lr)
+    lr_scale = global_batch if config.optim.scale_lr else 1
+    optimizer = build_optimizer(config, method.parameter_groups(lr_scale), config.optim.lr * lr_scale)
     # a prepared scheduler steps once per process on every optimizer step, hence the factor
     lr_scheduler = get_scheduler(
         config.optim.lr_scheduler,

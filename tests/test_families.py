@@ -112,3 +112,35 @@ def test_an_sdxl_vae_stays_fp32_under_fp16_unless_a_fixed_vae_is_given(bases):
     assert family.vae_dtype(fixed, torch.float16) == torch.float16
     assert "vae" not in family.subfolders(fixed) and "text_encoder_2" in family.subfolders(fixed)
     assert json.loads((bases["sdxl"] / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_the_text_encoders_learn_at_their_own_rate(bases, tmp_path):
+    """lora.text_encoder_lr: both SDXL text encoders' LoRA in a group of its own, the UNet's at optim.lr."""
+    from accelerate import Accelerator
+
+    from finetune.methods import get_method_class
+    from tests.helpers import reset_accelerate
+    from tests.tiny_models import make_test_images
+
+    for path in make_test_images(tmp_path / "images", 2, size=64):
+        path.with_suffix(".txt").write_text("a toy")
+    reset_accelerate()
+    recipe = {
+        "method": "lora",
+        "model": {"pretrained_model_name_or_path": str(bases["sdxl"])},
+        "data": {"dataset": str(tmp_path / "images"), "resolution": 64},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(tmp_path / "run")},
+        "lora": {"train_text_encoder": True, "text_encoder_lr": 5e-5},
+    }
+    method = get_method_class("lora")(load_config(recipe), Accelerator(cpu=True))
+    method.setup()
+    unet_group, text_group = method.parameter_groups()
+    assert "lr" not in unet_group and text_group["lr"] == 5e-5
+    text = {id(p) for name in ("text_encoder", "text_encoder_2") for p in getattr(method, name).parameters()}
+    assert text_group["params"] and all(id(p) in text for p in text_group["params"])
+    assert unet_group["params"] and not any(id(p) in text for p in unet_group["params"])
+    assert len(unet_group["params"]) + len(text_group["params"]) == len(method.trainable_parameters())
+    assert method.parameter_groups(lr_scale=4)[1]["lr"] == 2e-4
+    with pytest.raises(InputError, match="text_encoder_lr must be positive"):
+        load_config(recipe, ["lora.text_encoder_lr=0"])

@@ -75,6 +75,11 @@ class Method:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trainable_modules().values() for p in module.parameters() if p.requires_grad]
 
+    def parameter_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; a group may set its own `lr` (times `lr_scale`, optim.scale_lr's factor).
+        One group at optim.lr by default."""
+        return [{"params": self.trainable_parameters()}]
+
     def before_training(self, ema: Any | None) -> None:
         """Work done once after the models are prepared, e.g. caching latents. Runs on every process. `ema` is the
         loop's average of the trainable parameters (diffusers EMAModel; None without ema.use_ema)."""
