@@ -1,0 +1,228 @@
+"""The model the web app serves (pipelines/app.py): loading a pipeline folder with its LoRAs and Textual Inversion
+embeddings into a `ServedModel` (kind, defaults from the model card, scheduler choices), the `ModelHolder` one app
+shares between its pages, and the scheduler / LoRA-scale settings applied before each run. No gradio here.
+
+Any pipeline `pipelines.load.load_pipeline` loads is served the same way: Stable Diffusion 1.x/2.x and SDXL folders
+(with their LoRAs, and embeddings in either layout), class-conditional and unconditional DDPMs, distilled students.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.generate import parse_lora  # 'PATH' or 'PATH:SCALE', as the generate command takes it
+from pipelines.steps import fresh_scheduler, model_image_size, pipeline_kind
+
+logger = logging.getLogger("pipelines.app")
+
+DEMO_MODEL = "outputs/digits-unconditional"
+
+
+def split_lines(text: str | Sequence[str] | None) -> list[str]:
+    """The non-empty lines of a text box (or the items of a list), stripped."""
+    if text is None:
+        return []
+    items = text.splitlines() if isinstance(text, str) else list(text)
+    return [item.strip() for item in items if item and item.strip()]
+
+
+def _card_value(folder: str, key: str) -> float | None:
+    """`key=NUMBER` from the model card (README.md) difftune writes into every output folder, e.g. the step count a
+    distilled student was trained for."""
+    card = Path(folder).expanduser() / "README.md"
+    try:
+        match = re.search(rf"\b{key}\s*=\s*([0-9.]+)", card.read_text(errors="replace"))
+    except OSError:
+        return None
+    try:
+        return float(match.group(1)) if match else None
+    except ValueError:
+        return None
+
+
+def _check_local(path: str, what: str) -> None:
+    """A path that names a local place (its parent folder exists, or it starts with . / ~) must exist: a typo is
+    reported as such instead of being looked up on the Hub. Anything else is left to load_pipeline as a Hub id."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return
+    parent = str(local.parent) not in ("", ".") and local.parent.exists()
+    if path.startswith((".", "/", "~")) or parent or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"{what} {path!r}: no such file or folder")
+
+
+def default_model() -> str:
+    """The demo model (`make demo` output) under the working directory, or else under this checkout."""
+    here = Path(DEMO_MODEL)
+    checkout = Path(__file__).resolve().parents[1] / DEMO_MODEL
+    return str(checkout) if not here.is_dir() and checkout.is_dir() else DEMO_MODEL
+
+
+@dataclass
+class ServedModel:
+    pipe: Any
+    path: str
+    kind: str  # 'text', 'class' or 'unconditional'
+    model_id: int
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # the Textual Inversion tokens to use in prompts
+    default_steps: int = 50
+    default_guidance: float | None = None
+    num_classes: int = 0
+    guided: bool = False  # whether guidance applies (text, or class with a "no class" label)
+    base_scheduler: Any = None
+    scheduler_choices: list[str] = field(default_factory=list)
+
+    @property
+    def pixel_size(self) -> tuple[int, int, int]:
+        return model_image_size(self.pipe)
+
+    def describe(self) -> str:
+        height, width, channels = self.pixel_size
+        what = {"text": "text-to-image", "class": "class-conditional", "unconditional": "unconditional"}[self.kind]
+        space = "latent" if self.kind == "text" else "pixel"
+        parts = [
+            f"**{self.path}**: {type(self.pipe).__name__} ({what}, {space} space, {width}x{height}, "
+            f"{channels} channel{'s' if channels > 1 else ''}), scheduler {type(self.base_scheduler).__name__}, "
+            f"{self.default_steps} steps by default"
+        ]
+        if self.kind == "class":
+            guidance = "" if self.guided else ", no guidance (no null class)"
+            parts.append(f"classes 0-{self.num_classes - 1}{guidance}")
+        if self.loras:
+            parts.append("LoRA " + ", ".join(f"`{path}` x{scale:g}" for path, scale in self.loras))
+        if self.tokens:
+            parts.append("embedding tokens " + ", ".join(f"`{token}`" for token in self.tokens))
+        return "; ".join(parts)
+
+
+def _check_paths(model: str, lora: Sequence[str], embeddings: Sequence[str]) -> list[tuple[str, float]]:
+    """The LoRAs as (path, scale), once the model is a folder and every local path names something that exists:
+    clear messages before anything loads."""
+    if not model:
+        raise ValueError("no model given: type a pipeline folder")
+    _check_local(model, "model")
+    if Path(model).expanduser().is_file():
+        raise ValueError(f"{model!r} is a file; give the pipeline's folder (the one with model_index.json)")
+    loras = [parse_lora(spec) for spec in lora]
+    for path, _ in loras:
+        _check_local(path, "LoRA")
+    for path in embeddings:
+        _check_local(path, "embeddings")
+    return loras
+
+
+def embedding_tokens(pipe) -> list[str]:
+    """The Textual Inversion tokens added to the pipeline's (first) tokenizer, to use in prompts: one per embedding,
+    without the `token_1`, `token_2` ... of multi-vector embeddings. SDXL adds the same token to both tokenizers."""
+    if not hasattr(pipe, "tokenizer"):
+        return []
+    special = set(getattr(pipe.tokenizer, "all_special_tokens", []))
+    return [t for t in pipe.tokenizer.get_added_vocab() if t not in special and not re.search(r"_\d+$", t)]
+
+
+def _set_defaults(served: ServedModel) -> None:
+    """Steps and guidance from the model card when it names them, else the kind's usual ones; scheduler choices,
+    classes and whether guidance applies, from the kind."""
+    from pipelines.load import PIXEL_SCHEDULERS, SCHEDULERS
+
+    kind, pipe = served.kind, served.pipe
+    card_steps = _card_value(served.path, "num_inference_steps")
+    served.default_steps = int(card_steps) if card_steps else (30 if kind == "text" else 50)
+    card_guidance = _card_value(served.path, "guidance_scale")
+    if kind == "text":
+        served.guided = True
+        served.default_guidance = card_guidance or 7.5
+        served.scheduler_choices = ["default", *SCHEDULERS]
+    else:
+        served.scheduler_choices = ["default", *PIXEL_SCHEDULERS]
+    if kind == "class":
+        served.num_classes = int(pipe.config.num_classes or pipe.unet.config.num_class_embeds)
+        served.guided = pipe.null_class_label is not None
+        served.default_guidance = (card_guidance or 1.0) if served.guided else None
+
+
+def load_served_model(
+    model: str,
+    lora: Sequence[str] = (),
+    embeddings: Sequence[str] = (),
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    model_id: int = 0,
+) -> ServedModel:
+    """Load a pipeline folder (or Hub id) with LoRAs ('PATH' or 'PATH:SCALE') and embeddings via
+    `pipelines.load.load_pipeline`; ValueError / OSError with a message for the page when it cannot be served."""
+    from pipelines.load import load_pipeline
+
+    model = str(model).strip()
+    loras = _check_paths(model, lora, embeddings)
+    pipe = load_pipeline(
+        model,
+        lora=[path for path, _ in loras] or None,
+        lora_scale=[scale for _, scale in loras] or 1.0,
+        embeddings=list(embeddings) or None,
+        device=device,
+        dtype=dtype,
+    )
+    served = ServedModel(
+        pipe=pipe,
+        path=model,
+        kind=pipeline_kind(pipe),
+        model_id=model_id,
+        loras=loras,
+        embeddings=list(embeddings),
+        tokens=embedding_tokens(pipe) if embeddings else [],
+        base_scheduler=pipe.scheduler,
+    )
+    _set_defaults(served)
+    return served
+
+
+class ModelHolder:
+    """The model the app serves (one per app, shared by its pages) and the error of the last load, if it failed."""
+
+    def __init__(self):
+        self.model: ServedModel | None = None
+        self.error: str | None = None
+        self.lock = threading.RLock()  # one generation or load at a time
+        self._ids = 0
+
+    def load(self, model: str, lora: Sequence[str] = (), embeddings: Sequence[str] = (), **kwargs) -> bool:
+        with self.lock:
+            self._ids += 1
+            try:
+                served = load_served_model(model, lora, embeddings, model_id=self._ids, **kwargs)
+            except Exception as err:  # noqa: BLE001 - every failure goes to the page, not a traceback
+                self.error = f"Could not load {model!r}: {error_message(err)}"
+                logger.error("%s", self.error.splitlines()[0])
+                logger.debug("load failed", exc_info=True)
+                return False
+            self.model, self.error = served, None
+            logger.info("serving %s (%s)", served.path, type(served.pipe).__name__)
+            return True
+
+
+def error_message(err: BaseException) -> str:
+    """An exception as the page shows it: its text, with its type unless it is a ValueError / OSError."""
+    text = str(err).strip() or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def apply_settings(served: ServedModel, scheduler: str | None, lora_scale: float | None) -> None:
+    """The chosen scheduler (a fresh one every run) and LoRA scale (x each LoRA's own weight) on the pipeline."""
+    served.pipe.scheduler = fresh_scheduler(served.base_scheduler, scheduler)
+    if served.loras:
+        names = [f"lora_{i}" for i in range(len(served.loras))]  # the adapter names pipelines.load gives
+        scale = 1.0 if lora_scale is None else float(lora_scale)
+        served.pipe.set_adapters(names, adapter_weights=[weight * scale for _, weight in served.loras])
