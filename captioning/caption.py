@@ -495,16 +495,11 @@ class BlipCaptioner:
 
 
 def load_image(path: Path, target_size: int | None = None):
-    """Decode ``path`` to an RGB PIL image, upright as its EXIF orientation says."""
-    from PIL import Image, ImageOps
+    """Decode ``path`` to an RGB PIL image, upright as its EXIF orientation says (`finetune.imaging.load_image`)."""
+    from finetune.imaging import load_image as load
 
-    with Image.open(path) as image:
-        if target_size:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale: much faster for photos far larger than the model's input.
-            image.draft("RGB", (target_size, target_size))
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-        return upright.convert("RGB")
+    # JPEG can decode at 1/2, 1/4, 1/8 scale: much faster for photos far larger than the model's input.
+    return load(path, "RGB", draft_size=target_size)
 
 
 @dataclass

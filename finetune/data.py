@@ -19,10 +19,7 @@ import csv
 import io
 import json
 import logging
-import math
 import os
-import threading
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,48 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
+from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
 
 logger = logging.getLogger(__name__)
 
-EXIF_ORIENTATION = 0x0112
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 DETAIL_LINES = 20  # problems logged one by one at WARNING; past this many, at INFO (the summary has the count)
-
-# PIL warns (DecompressionBombWarning) when it opens an image over ~89 MP and refuses over ~179 MP. For training data
-# data.max_image_pixels replaces that check: it is made on the header, before any decoding, and the image is reduced
-# or skipped and counted; PIL's warning would only repeat it, its error is caught and counted as "too large". The
-# warning is silenced around Image.open only (which reads just the header), under a lock: catch_warnings is not
-# thread-safe and images are checked from a thread pool.
-_OPEN_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # images
 # ---------------------------------------------------------------------------------------------------------------------
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL image (16-bit, palette, alpha, CMYK, ...) to 8-bit 'L' or 'RGB'; transparency becomes white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: PIL's convert('L') clips instead of scaling, so scale by the data's own range
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("L" if channels == 1 else "RGB")
-
-
 def crop_geometry(
     size: tuple[int, int], resolution: int, rng: np.random.Generator, center_crop: bool = True
 ) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -130,58 +100,6 @@ def image_to_tensor(
     if sizes is not None:
         sizes.update(size_conditioning(original, new_size, (left, top), resolution, flipped))
     return tensor.contiguous(), flipped
-
-
-class ImageTooLarge(ValueError):
-    """An image over data.max_image_pixels that cannot be decoded at a reduced scale; it is skipped, never decoded."""
-
-
-def open_image(source: Any, max_pixels: int | None = None, header: bool = False) -> Image.Image:
-    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad);
-    with `header`, only opened (its size known, nothing decoded).
-
-    An image over `max_pixels` raises ImageTooLarge before decoding, unless it is a JPEG that decodes at 1/2, 1/4 or
-    1/8 scale under the limit (`Image.draft`: the DCT does the reduction, the full image never exists).
-    """
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if not isinstance(source, (bytes, bytearray, str, os.PathLike)):
-        raise ValueError(f"not an image: {type(source).__name__}")
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"too large: over PIL's decompression-bomb limit ({err})") from err
-    try:
-        if max_pixels is not None:
-            fit_pixel_limit(image, max_pixels)
-        if not header:
-            image.load()  # decode now: truncated files fail here rather than in the training loop
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
-def fit_pixel_limit(image: Image.Image, max_pixels: int) -> None:
-    """Make a lazily opened image decode within `max_pixels` (JPEG draft mode), or raise ImageTooLarge."""
-    width, height = image.size
-    if width * height <= max_pixels:
-        return
-    if image.format == "JPEG":
-        for scale in (2, 4, 8):
-            if math.ceil(width / scale) * math.ceil(height / scale) <= max_pixels:
-                image.draft(None, (width // scale, height // scale))
-                if image.size[0] * image.size[1] <= max_pixels:
-                    return
-                break
-    raise ImageTooLarge(
-        f"too large: {width}x{height} = {width * height / 1e6:.1f} MP, over data.max_image_pixels = "
-        f"{max_pixels / 1e6:.1f} MP (skipped, not decoded)"
-    )
 
 
 def _describe(source: Any, index: int) -> str:

@@ -28,6 +28,9 @@ HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/
 
 def image_grid(images: list[Image.Image], columns: int | None = None, gap: int = 2) -> Image.Image:
     """Tile images (all of one size) row by row, `gap` pixels of mid-gray between them."""
+    # Not diffusers' make_image_grid: the gaps keep neighbouring samples apart (16 px digits run into each other
+    # without them, and the tests and users' scripts read grids of this size), a last row may be short, and grayscale
+    # grids stay 'L' where make_image_grid always makes RGB.
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size

@@ -14,7 +14,6 @@ Image i of a run uses seed + i, so any single image can be made again. Each PNG 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import sys
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from finetune.imaging import load_image, pipeline_kind
 from pipelines.load import SCHEDULERS, load_pipeline
 
 NUMBERED_PNG = re.compile(r"^(\d+)\.png$")
@@ -40,20 +40,6 @@ def parse_lora(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
-
-
-def pipeline_kind(pipe) -> str:
-    """'inpaint', 'text', 'class' or 'unconditional': which inputs the pipeline's __call__ takes."""
-    parameters = inspect.signature(pipe.__call__).parameters
-    if "mask_image" in parameters:
-        return "inpaint"
-    if "prompt" in parameters:
-        return "text"
-    if "class_labels" in parameters:
-        return "class"
-    if "batch_size" in parameters:
-        return "unconditional"
-    raise ValueError(f"{type(pipe).__name__} is not a pipeline this command can run")
 
 
 def plan_jobs(kind: str, prompts: list[str], class_labels: list[int], num_images: int, seed: int) -> list[dict]:
@@ -79,12 +65,6 @@ def plan_jobs(kind: str, prompts: list[str], class_labels: list[int], num_images
     return items
 
 
-def _load_image(path: str | Path, mode: str) -> Image.Image:
-    image = Image.open(path)
-    image.load()
-    return image.convert(mode)
-
-
 def generate(
     pipe,
     *,
@@ -106,12 +86,14 @@ def generate(
     if num_images < 1 or batch_size < 1 or steps < 1:
         raise ValueError("--num-images, --batch-size and --steps must be >= 1")
     kind = pipeline_kind(pipe)
+    if kind == "image-to-image":
+        raise ValueError(f"{type(pipe).__name__} is an image-to-image pipeline, which this command does not run")
     jobs = plan_jobs(kind, list(prompts), list(class_labels), num_images, seed)
     if kind == "inpaint":
         if image is None or mask is None:
             raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give --image and --mask")
-        image = image if isinstance(image, Image.Image) else _load_image(image, "RGB")
-        mask = mask if isinstance(mask, Image.Image) else _load_image(mask, "L")
+        image = image if isinstance(image, Image.Image) else load_image(image, "RGB")
+        mask = mask if isinstance(mask, Image.Image) else load_image(mask, "L")
         width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
     elif image is not None or mask is not None:
         raise ValueError(f"--image/--mask need an inpainting pipeline; {type(pipe).__name__} is not one")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from finetune import imaging
+
 MAX_FRAMES = 101  # frames kept of one generation (the start and 100 steps); with more steps every k-th is kept
 VIEWS = ("sample", "x0")  # the noisy sample x_t after a step, or the model's prediction of the clean image
 
@@ -33,18 +35,22 @@ VIEWS = ("sample", "x0")  # the noisy sample x_t after a step, or the model's pr
 # what a pipeline is
 # ---------------------------------------------------------------------------------------------------------------------
 def pipeline_kind(pipe) -> str:
-    """'text' (Stable Diffusion), 'class' (class-conditional DDPM), 'unconditional' (DDPM/DDIM, distilled students);
-    ValueError for pipelines this module does not run (inpainting, image-to-image, anything without those inputs)."""
-    parameters = inspect.signature(pipe.__call__).parameters
+    """'text' (Stable Diffusion, SDXL), 'class' (class-conditional DDPM), 'unconditional' (DDPM/DDIM, distilled
+    students): `finetune.imaging.pipeline_kind`, narrowed to what this module runs. ValueError for the others
+    (inpainting, image-to-image, anything without those inputs)."""
     name = type(pipe).__name__
-    if "mask_image" in parameters or ("image" in parameters and "prompt" in parameters):
+    try:
+        kind = imaging.pipeline_kind(pipe)
+    except ValueError:
+        kind = None
+    if kind in ("inpaint", "image-to-image"):
         raise ValueError(f"{name} needs an input image (inpainting, image-to-image): use python -m pipelines.generate")
-    if "prompt" in parameters and hasattr(pipe, "vae"):
-        return "text"
-    if "class_labels" in parameters:
-        return "class"
-    if "batch_size" in parameters and hasattr(pipe, "unet"):
-        return "unconditional"
+    if kind == "text" and not hasattr(pipe, "vae"):
+        # text-to-image here is latent (the steps are decoded with the VAE); a prompt in pixel space counts as the rest
+        parameters = inspect.signature(pipe.__call__).parameters
+        kind = "class" if "class_labels" in parameters else "unconditional" if "batch_size" in parameters else None
+    if kind in ("text", "class") or kind == "unconditional" and hasattr(pipe, "unet"):  # unconditional: sized by it
+        return kind
     raise ValueError(f"{name} is not a pipeline the app can run (text-to-image, class-conditional or DDPM/DDIM)")
 
 
@@ -244,14 +250,10 @@ def load_image(path) -> Image.Image:
 
     name = Path(str(path)).name
     try:
-        with Image.open(path) as probe:
-            probe.verify()  # catches truncated and corrupt files that open() alone accepts
-        image = Image.open(path)
-        image.load()
+        return imaging.load_image(path, verify=True)  # verify: catches truncated and corrupt files
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ... for broken files
         detail = str(err).replace(str(path), name) or type(err).__name__
         raise ValueError(f"{name!r} is not an image that can be read (PNG, JPEG, WebP, ...): {detail}") from None
-    return ImageOps.exif_transpose(image)
 
 
 def fit_image(image: Image.Image, height: int, width: int, channels: int) -> Image.Image:

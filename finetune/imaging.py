@@ -1,0 +1,164 @@
+"""Images in one place: which files are images, how one is opened and converted, and what kind a pipeline is.
+
+Everything that reads an image goes through here: the training data (`finetune.data`), evaluation folders
+(`finetune.evaluate`), the captioner (`captioning`), the web app and the generation command (`pipelines`).
+
+diffusers' own helpers were weighed and not used where they would change what we do:
+`diffusers.utils.load_image` always opens lazily (a truncated file fails later, far from its name), converts to RGB
+unless told otherwise (transparency turns black where `to_mode` puts it on white), cannot decode a large JPEG at
+reduced scale, and fetches http(s) URLs, which our commands never mean; `make_image_grid` has no gaps between cells,
+needs a full rows x cols grid and always makes RGB (see `finetune.outputs.image_grid`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# PIL warns (DecompressionBombWarning) when it opens an image over ~89 MP and refuses over ~179 MP. For training data
+# data.max_image_pixels replaces that check: it is made on the header, before any decoding, and the image is reduced
+# or skipped and counted; PIL's warning would only repeat it, its error is caught and counted as "too large". The
+# warning is silenced around Image.open only (which reads just the header), under a lock: catch_warnings is not
+# thread-safe and images are checked from a thread pool.
+_OPEN_LOCK = threading.Lock()
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the name ends in one of IMAGE_EXTENSIONS (any case); the file itself is not looked at."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# opening
+# ---------------------------------------------------------------------------------------------------------------------
+class ImageTooLarge(ValueError):
+    """An image over data.max_image_pixels that cannot be decoded at a reduced scale; it is skipped, never decoded."""
+
+
+def open_image(source: Any, max_pixels: int | None = None, header: bool = False) -> Image.Image:
+    """Open a path, bytes, a `datasets` {'path', 'bytes'} record or a PIL image, fully decoded (raises if bad);
+    with `header`, only opened (its size known, nothing decoded).
+
+    An image over `max_pixels` raises ImageTooLarge before decoding, unless it is a JPEG that decodes at 1/2, 1/4 or
+    1/8 scale under the limit (`Image.draft`: the DCT does the reduction, the full image never exists).
+    """
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if not isinstance(source, (bytes, bytearray, str, os.PathLike)):
+        raise ValueError(f"not an image: {type(source).__name__}")
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"too large: over PIL's decompression-bomb limit ({err})") from err
+    try:
+        if max_pixels is not None:
+            fit_pixel_limit(image, max_pixels)
+        if not header:
+            image.load()  # decode now: truncated files fail here rather than in the training loop
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def fit_pixel_limit(image: Image.Image, max_pixels: int) -> None:
+    """Make a lazily opened image decode within `max_pixels` (JPEG draft mode), or raise ImageTooLarge."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return
+    if image.format == "JPEG":
+        for scale in (2, 4, 8):
+            if math.ceil(width / scale) * math.ceil(height / scale) <= max_pixels:
+                image.draft(None, (width // scale, height // scale))
+                if image.size[0] * image.size[1] <= max_pixels:
+                    return
+                break
+    raise ImageTooLarge(
+        f"too large: {width}x{height} = {width * height / 1e6:.1f} MP, over data.max_image_pixels = "
+        f"{max_pixels / 1e6:.1f} MP (skipped, not decoded)"
+    )
+
+
+def load_image(
+    path: str | os.PathLike, mode: str | None = None, *, draft_size: int | None = None, verify: bool = False
+) -> Image.Image:
+    """A file as a decoded PIL image, upright as its EXIF orientation says, in `mode` when one is given (else its
+    own mode, transparency kept). PIL's errors pass through unchanged (callers word them for their users).
+
+    `draft_size`: a JPEG may decode at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft_size (much faster
+    for photos far larger than a model's input). `verify`: check the whole file first, which catches truncated and
+    corrupt files that decoding alone accepts.
+    """
+    path = Path(path).expanduser()
+    if verify:
+        with Image.open(path) as probe:
+            probe.verify()
+    with Image.open(path) as image:
+        if draft_size:
+            image.draft(mode or "RGB", (draft_size, draft_size))
+        image.load()
+        upright = ImageOps.exif_transpose(image)  # a new image either way: safe to use once the file is closed
+        return upright.convert(mode) if mode else upright
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# converting
+# ---------------------------------------------------------------------------------------------------------------------
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL image (16-bit, palette, alpha, CMYK, ...) to 8-bit 'L' or 'RGB'; transparency becomes white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: PIL's convert('L') clips instead of scaling, so scale by the data's own range
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what a pipeline makes
+# ---------------------------------------------------------------------------------------------------------------------
+PIPELINE_KINDS = ("text", "inpaint", "image-to-image", "class", "unconditional")
+
+
+def pipeline_kind(pipe) -> str:
+    """Which inputs a diffusers pipeline's `__call__` takes: 'inpaint' (a mask), 'image-to-image' (an image and a
+    prompt), 'text' (a prompt: Stable Diffusion, SDXL), 'class' (class labels) or 'unconditional' (a batch size:
+    DDPM/DDIM, distilled students); ValueError for anything else."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "mask_image" in parameters:
+        return "inpaint"
+    if "prompt" in parameters:
+        return "image-to-image" if "image" in parameters else "text"
+    if "class_labels" in parameters:
+        return "class"
+    if "batch_size" in parameters:
+        return "unconditional"
+    raise ValueError(
+        f"{type(pipe).__name__} is not a pipeline difftune can run (text-to-image, inpainting, image-to-image, "
+        "class-conditional or DDPM/DDIM)"
+    )
