@@ -201,6 +201,9 @@ class TextToImageMethod(DenoisingMethod):
             module.requires_grad_(False)
             module.eval()
         self.configure_trainable()
+        unused = self.family.freeze_unused(self.parts())
+        if unused:
+            logger.info("%d parameters never reach the denoiser and stay frozen, e.g. %s", len(unused), unused[0])
         for module in denoiser_and_text:
             # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first
             module.to(self.device)

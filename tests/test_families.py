@@ -144,3 +144,20 @@ def test_the_text_encoders_learn_at_their_own_rate(bases, tmp_path):
     assert method.parameter_groups(lr_scale=4)[1]["lr"] == 2e-4
     with pytest.raises(InputError, match="text_encoder_lr must be positive"):
         load_config(recipe, ["lora.text_encoder_lr=0"])
+
+
+def test_sdxl_text_encoder_parameters_that_never_reach_the_unet_stay_frozen(bases):
+    """The first encoder conditions through its penultimate states: a LoRA on its last layer would never get a
+    gradient (DDP refuses that), so the family freezes it; everything it freezes truly has no effect."""
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(bases["sdxl"], subfolder="text_encoder")
+    encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    frozen = get_family("sdxl").freeze_unused({"text_encoder": encoder})
+    assert frozen and all(".layers.1." in name for name in frozen), frozen  # the tiny encoder has 2 layers
+    ids = torch.tensor([[0, 5, 9, 1]])
+    output = encoder(ids, output_hidden_states=True).hidden_states[-2].sum()
+    output.backward()
+    trainable = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), "every parameter left to train is used"

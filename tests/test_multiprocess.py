@@ -24,7 +24,7 @@ from tests.helpers import (
     two_cpu_processes_launch,
     wait_for,
 )
-from tests.tiny_models import make_test_images, make_tiny_sd_pipeline
+from tests.tiny_models import make_test_images, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.multiprocess
 ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
@@ -67,8 +67,12 @@ def test_two_processes_equal_one_process_with_twice_the_batch_ddpm(tmp_path):
     assert len((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()) == 6
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path):
-    base = make_tiny_sd_pipeline(tmp_path / "base")
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path, family):
+    # SDXL: both text encoders' LoRA train (wrapped by DDP each) and the latents come from the cache
+    builder = make_tiny_sd_pipeline if family == "sd" else make_tiny_sdxl_pipeline
+    base = builder(tmp_path / "base")
+    options = {} if family == "sd" else {"train_text_encoder": True, "cache": "memory", "text_encoder_lr": 5e-4}
     data = tmp_path / "data"
     for i, image in enumerate(make_test_images(data, 4, size=64)):
         image.with_suffix(".txt").write_text(f"a toy picture {i}")
@@ -90,7 +94,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path):
                 "log_every": 1,
             },
             "checkpoint": {"checkpointing_steps": 0},
-            "lora": {"caption_dropout": 0.3},
+            "lora": {"caption_dropout": 0.3, **options},
         }
 
     reference = run_training(recipe(tmp_path / "one", 2))

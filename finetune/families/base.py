@@ -131,6 +131,11 @@ class Family:
         """Conditioning of each text, as tensors with the batch first (the latent cache stores one row of each)."""
         raise NotImplementedError
 
+    def freeze_unused(self, parts: dict[str, Any]) -> list[str]:
+        """Freeze trainable parameters that never reach the denoiser's input (their gradient would stay None, which
+        DDP refuses); return their names. Nothing is unused in one-encoder families."""
+        return []
+
     # -- the denoiser ------------------------------------------------------------------------------------------------
     def denoise(
         self,

@@ -49,6 +49,20 @@ class StableDiffusionXL(Family):
             return torch.float32
         return weight_dtype
 
+    def freeze_unused(self, parts: dict[str, Any]) -> list[str]:
+        """The first encoder conditions through its penultimate hidden states only: its last layer and final norm
+        never reach the UNet (their gradients would stay None, which DDP refuses), so they never train."""
+        encoder = parts["text_encoder"]
+        last = encoder.config.num_hidden_layers - 1
+        unused = (f"encoder.layers.{last}.", "final_layer_norm.")
+        frozen = []
+        for name, parameter in encoder.named_parameters():
+            # (transformers names them with or without a `text_model.` prefix, by version and class)
+            if parameter.requires_grad and name.removeprefix("text_model.").startswith(unused):
+                parameter.requires_grad_(False)
+                frozen.append(f"text_encoder.{name}")
+        return frozen
+
     def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None
         for tokenizer_name, encoder_name in zip(self.tokenizers, self.text_encoders):
