@@ -330,7 +330,9 @@ class _PooledPixels(torch.nn.Module):
 
 
 def test_inception_evaluator_scores_against_digits_or_given_real_images(monkeypatch, tmp_path):
-    monkeypatch.setattr(ev, "load_inception_features", lambda path: _PooledPixels())
+    from finetune.evaluation import inception as inception_module  # where InceptionEvaluator looks it up
+
+    monkeypatch.setattr(inception_module, "load_inception_features", lambda path: _PooledPixels())
     inception = ev.InceptionEvaluator(tmp_path / "weights.pth", num_real=200, kid_subsets=5)
     assert len(inception.reference_images) == 200 and "held-out test split" in inception.reference_description
     baseline = inception.baseline()
