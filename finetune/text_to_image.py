@@ -25,7 +25,8 @@ from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
 from finetune.families import family_of_pipeline, get_family, supported
 from finetune.families.base import MODEL_KEY, Family, pipeline_class_name
-from finetune.methods.base import DenoisingMethod, eval_mode
+from finetune.methods.base import Method, eval_mode
+from finetune.objectives import batch_weights, combined_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class LatentCache:
         return cache
 
 
-class TextToImageMethod(DenoisingMethod):
+class TextToImageMethod(Method):
     """A denoiser on VAE latents conditioned on text (Rombach et al. 2022), through a model family."""
 
     # True: the family's inpainting pipeline, whose UNet also takes a mask and the masked image's latents
@@ -190,6 +191,7 @@ class TextToImageMethod(DenoisingMethod):
         for name, part in self.load_components().items():
             setattr(self, name, part)
         self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.objective = self.family.objective(self.noise_scheduler, self.prediction_type, self.config.diffusion)
         self.check_models()
         self.vae.requires_grad_(False)
         self.vae.to(self.device).eval()
@@ -381,6 +383,25 @@ class TextToImageMethod(DenoisingMethod):
             return self.encode_text(batch["text"])
         with torch.no_grad():
             return self.encode_text(batch["text"])
+
+    def loss_weights(self, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Per-example loss weights: the objective's (min-SNR), times any weight the batch carries (prior
+        preservation gives class images `prior_loss_weight`)."""
+        return combined_weights(self.objective.loss_weights(timesteps), batch_weights(batch))
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        # encode: images -> latents (the VAE posterior sampled from the example's own seed; cached or not)
+        clean = self.encode(batch).float()
+
+        # add noise: the family's objective noises each example at a timestep drawn from its own seed
+        noisy, timesteps, noise = self.objective.noised(clean, batch["seed"])
+
+        # predict with the denoiser, conditioned on the text (and, for inpainting, the mask channels)
+        prediction = self.predict(noisy, timesteps, batch)
+        target = self.objective.target(clean, noise, timesteps)
+
+        # loss: per-example MSE, weighted (min-SNR, prior preservation), averaged over the batch
+        return weighted_mse(prediction, target, self.loss_weights(timesteps, batch)), {}
 
     def model_input(self, noisy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """What the denoiser takes besides the time and the text: the noisy latents (inpainting adds its mask and

@@ -136,7 +136,15 @@ class Family:
         DDP refuses); return their names. Nothing is unused in one-encoder families."""
         return []
 
-    # -- the denoiser ------------------------------------------------------------------------------------------------
+    # -- the objective and the denoiser ------------------------------------------------------------------------------
+    def objective(self, noise_scheduler, prediction_type: str, diffusion_config):
+        """How examples are noised and what the denoiser is regressed onto: DDPM for the UNet families."""
+        from finetune.objectives import DDPMObjective
+
+        return DDPMObjective(
+            noise_scheduler, prediction_type, diffusion_config.snr_gamma, diffusion_config.noise_offset
+        )
+
     def denoise(
         self,
         unet: torch.nn.Module,

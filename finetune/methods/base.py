@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
-from finetune import diffusion
 from finetune.config import Config
+from finetune.objectives import DDPMObjective, batch_weights, combined_weights, weighted_mse
 
 
 @contextlib.contextmanager
@@ -129,7 +128,8 @@ class Method:
 
 
 class DenoisingMethod(Method):
-    """The diffusion objective: a model learns to predict noise (or v, or x0) from noised examples.
+    """The pixel-space diffusion objective: a model learns to predict noise (or v, or x0) from noised examples (the
+    text-to-image methods take theirs from the model family instead, finetune/text_to_image.py).
 
     Subclasses set `self.noise_scheduler` and `self.prediction_type` in setup() and implement `encode` and `predict`.
     """
@@ -145,43 +145,33 @@ class DenoisingMethod(Method):
         """The model's output for noised inputs, with whatever conditioning the batch carries."""
         raise NotImplementedError
 
+    @property
+    def objective(self) -> DDPMObjective:
+        """The DDPM objective of this method's noise scheduler and prediction type (with diffusion.snr_gamma)."""
+        diffusion_config = self.config.diffusion
+        return DDPMObjective(
+            self.noise_scheduler, self.prediction_type, diffusion_config.snr_gamma, diffusion_config.noise_offset
+        )
+
     def target(self, clean, noise, noisy, timesteps, batch) -> torch.Tensor:
         """What the model output is regressed onto (distillation replaces this with the teacher's target)."""
-        return diffusion.training_target(self.noise_scheduler, clean, noise, timesteps, self.prediction_type)
+        return self.objective.target(clean, noise, timesteps)
 
     def loss_weights(self, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Per-example loss weights: min-SNR-gamma when configured, times any weight the batch carries
-        (prior preservation gives class images `prior_loss_weight`)."""
-        weights = None
-        gamma = self.config.diffusion.snr_gamma
-        if gamma is not None:
-            snr = diffusion.compute_snr(self.noise_scheduler, timesteps)
-            weights = diffusion.min_snr_loss_weights(snr, gamma, self.prediction_type)
-        if "loss_weight" in batch:
-            example_weights = batch["loss_weight"].to(timesteps.device, torch.float32)
-            weights = example_weights if weights is None else weights * example_weights
-        return weights
+        """Per-example loss weights: min-SNR-gamma when configured, times any weight the batch carries."""
+        return combined_weights(self.objective.loss_weights(timesteps), batch_weights(batch))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        # encode: images -> the space the model denoises (pixels for DDPM, latents for Stable Diffusion)
+        # encode: images -> the space the model denoises (pixels)
         clean = self.encode(batch).float()
 
-        # sample noise and a timestep per example, from the example's own seed: identical across resumes and
-        # process counts
-        generators = diffusion.example_generators(batch["seed"])
-        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:]), self.config.diffusion.noise_offset)
-        timesteps = diffusion.seeded_timesteps(generators, self.noise_scheduler.config.num_train_timesteps)
-        noise, timesteps = noise.to(clean.device), timesteps.to(clean.device)
-
-        # add noise: the forward diffusion process q(x_t | x_0)
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        # add noise: q(x_t | x_0) at a timestep, both drawn from the example's own seed (identical across resumes
+        # and process counts)
+        noisy, timesteps, noise = self.objective.noised(clean, batch["seed"])
 
         # predict the noise (or v, or x0) with the model, conditioned as the method requires
-        prediction = self.predict(noisy, timesteps, batch).float()
-        target = self.target(clean, noise, noisy, timesteps, batch).float()
+        prediction = self.predict(noisy, timesteps, batch)
+        target = self.target(clean, noise, noisy, timesteps, batch)
 
-        # loss: per-example MSE, weighted (min-SNR, prior preservation), averaged over the batch
-        per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
-        weights = self.loss_weights(timesteps, batch)
-        loss = per_example.mean() if weights is None else (per_example * weights).mean()
-        return loss, {}
+        # loss: per-example MSE, weighted (min-SNR, the batch's own weights), averaged over the batch
+        return weighted_mse(prediction, target, self.loss_weights(timesteps, batch)), {}

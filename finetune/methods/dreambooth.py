@@ -20,7 +20,7 @@ How the prior loss is weighted (the semantics differ from the diffusers script, 
 `mse(instance) + prior_loss_weight * mse(class)`. Here (kohya's regularisation-image scheme) the class images are
 ordinary examples of the dataset: an epoch holds M = max(instance images x data.repeats, class images) instance
 examples (the instance set repeated) and M class examples, shuffled together, and every example carries a
-`loss_weight` that `DenoisingMethod.loss_weights` applies: 2 for instance examples, 2 x prior_loss_weight for class
+`loss_weight` that `TextToImageMethod.loss_weights` applies: 2 for instance examples, 2 x prior_loss_weight for class
 examples. A batch is then a random mix, with half of its examples from each set on average, and the expected loss,
 E[mean(w * mse)] = 1/2 * 2 E[mse_instance] + 1/2 * 2 prior_loss_weight E[mse_class], equals the diffusers loss. A
 batch of train_batch_size=2B here costs what diffusers' batch B with prior preservation costs (2B images); the

@@ -3,7 +3,7 @@
 Trains: a new `UNet2DConditionModel` on the scaled latents of an `AutoencoderKL` (`vae`: the `autoencoder` method's
 output, or any pipeline's VAE), conditioned through cross-attention on a CLIP text encoder: a new one built from
 the text_* options with the given tokenizer (trained with the UNet, or frozen at its random initialisation), or a
-pretrained one. Loss: the diffusion objective of `DenoisingMethod` on latents. Saves: a complete
+pretrained one. Loss: the family's diffusion objective (DDPM) on latents. Saves: a complete
 `StableDiffusionPipeline` folder that plain diffusers loads and samples, and that every fine-tuning method here
 (LoRA, DreamBooth, Textual Inversion) takes as its base model.
 
