@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from captioning.errors import CaptioningError
 from finetune.atomic import atomic_write_text, reporting_write_errors
+from finetune.imaging import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     from captioning.caption import CaptionOptions
@@ -24,8 +25,7 @@ if TYPE_CHECKING:
 METADATA_FILENAME = "metadata.jsonl"
 STATE_DIRNAME = ".captioning"
 SIDECAR_SUFFIX = ".txt"
-# What datasets' imagefolder builder reads as images (PIL must also decode them).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)  # the one list (finetune.imaging)
 # Files an image folder may legitimately hold besides images; never reported as "not an image".
 METADATA_FILENAMES = frozenset({"metadata.jsonl", "metadata.csv", "metadata.parquet"})
 

@@ -406,15 +406,16 @@ _IMG2IMG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def img2img_for(pipe):
-    """StableDiffusionImg2ImgPipeline on `pipe`'s components (the same modules: LoRAs, embeddings), made once."""
+    """The image-to-image pipeline of `pipe`'s family (SD: StableDiffusionImg2ImgPipeline, SDXL: its XL one) on the
+    same components (the same modules: LoRAs, embeddings), made once."""
     if pipe not in _IMG2IMG:
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import AutoPipelineForImage2Image
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # from_pipe's notes on dtypes of modules it only shares
         try:
-            img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+            img2img = AutoPipelineForImage2Image.from_pipe(pipe)
         finally:
             diffusers_logging.set_verbosity(verbosity)
         img2img.set_progress_bar_config(disable=True)

@@ -436,12 +436,6 @@ def test_an_sdxl_folder_with_its_lora_and_embeddings_is_served_like_sd(tiny_sdxl
     np.testing.assert_array_equal(off, as_array(for_display(reference)))  # LoRA scale 0: the base model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="pipelines.steps.img2img_for builds StableDiffusionImg2ImgPipeline for every text pipeline; an SDXL one "
-    "needs StableDiffusionXLImg2ImgPipeline (AutoPipelineForImage2Image.from_pipe gives each its own)",
-)
 def test_sdedit_of_sdxl(tiny_sdxl_served):
     pipe = load_pipeline(tiny_sdxl_served["base"], device="cpu")
     result = S.reconstruct(pipe, digit_like(80), strength=0.5, steps=4, seed=0, prompt="a toy")

@@ -128,7 +128,8 @@ def test_latent_diffusion_holds_out_digits_and_writes_captions(tmp_path):
 def test_unknown_vae_is_a_clear_error(tmp_path):
     from finetune.config import ConfigError
 
-    with pytest.raises(ConfigError, match="cannot load an AutoencoderKL from"):
+    # checked before anything loads (preflight), naming the option
+    with pytest.raises(ConfigError, match=r"latent_diffusion.vae: the folder .*missing' does not exist"):
         run_training(
             RECIPES / "digits_text_to_image.yaml",
             f"train.output_dir={tmp_path / 'out'}",
