@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from finetune.config import ConfigError
 from finetune.data import collate_examples
-from finetune.methods.dreambooth import DreamBooth, missing_class_indices
+from finetune.methods.dreambooth import DreamBooth
+from finetune.prior_preservation import missing_class_indices
 from finetune.recipe import load_config
 from tests.helpers import reset_accelerate, run_training, sd_image
 from tests.tiny_models import make_test_images

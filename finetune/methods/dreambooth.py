@@ -55,13 +55,18 @@ from finetune.data import (
 )
 from finetune.methods.base import eval_mode
 from finetune.methods.lora import lora_card, lora_modules
+from finetune.prior_preservation import (
+    CLASS_IMAGE_PATTERN,
+    PriorPreservationExamples,
+    class_image_files,
+    class_image_seed,
+    missing_class_indices,
+)
 from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILES = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}
-CLASS_IMAGE_PATTERN = "class_{index}.png"
-INSTANCE_WEIGHT = 2.0  # see the module docstring: 2 and 2 x prior_loss_weight make the expected loss diffusers'
 
 
 @dataclass
@@ -149,66 +154,11 @@ def non_image_files(folder: Path) -> list[Path]:
     )
 
 
-def class_image_files(folder: Path) -> list[Path]:
-    """Image files directly in the class folder, sorted by name."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def missing_class_indices(taken_names: set[str], count: int) -> list[int]:
-    """The first `count` indices i whose `class_<i>.png` is not in the folder: an interrupted generation that wrote
-    some of them resumes with exactly the others."""
-    indices, i = [], 0
-    while len(indices) < count:
-        if CLASS_IMAGE_PATTERN.format(index=i) not in taken_names:
-            indices.append(i)
-        i += 1
-    return indices
-
-
-def class_image_seed(seed: int, index: int) -> int:
-    """The seed of class image `index`: the same whichever process generates it, in whatever batch."""
-    return int(np.random.default_rng([seed, index, 0xC1A55]).integers(0, 2**62))
-
-
 def record_path(source: Any) -> str | None:
     """The file path of an undecoded image record (a path, or a `datasets` {'path', 'bytes'} dict)."""
     if isinstance(source, dict):
         return source.get("path")
     return str(source) if isinstance(source, (str, os.PathLike)) else None
-
-
-class PriorPreservationExamples(torch.utils.data.Dataset):
-    """Instance and class examples, M of each per epoch (M = the larger set; the other one repeats), with the loss
-    weights of the module docstring. Class rows are numbered after all instance rows, so latent-cache keys differ."""
-
-    def __init__(self, instance: ImageRecords, classes: ImageRecords, instance_repeats: int, prior_loss_weight: float):
-        self.instance, self.classes = instance, classes
-        self.per_set = max(len(instance) * instance_repeats, len(classes))
-        self.row_offset = len(instance.image_sources)
-        self.class_weight = INSTANCE_WEIGHT * prior_loss_weight
-        self.skipped = instance.skipped
-
-    def __len__(self) -> int:
-        return 2 * self.per_set
-
-    @property
-    def decode_pixels(self) -> bool:
-        return self.instance.decode_pixels
-
-    @decode_pixels.setter
-    def decode_pixels(self, value: bool) -> None:
-        self.instance.decode_pixels = self.classes.decode_pixels = value
-
-    def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        if index < self.per_set:
-            example = self.instance.get(index % len(self.instance), rng)
-            example.update(prior=False, loss_weight=INSTANCE_WEIGHT)
-        else:
-            example = self.classes.get((index - self.per_set) % len(self.classes), rng)
-            example.update(row=example["row"] + self.row_offset, prior=True, loss_weight=self.class_weight)
-        return example
 
 
 class DreamBooth(TextToImageMethod):
