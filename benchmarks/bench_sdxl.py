@@ -5,8 +5,9 @@ gradient clipping 1.0, center crop, no flip, no prior preservation, no validatio
 `dreambooth.cache=none` and `dreambooth.cache=memory`.
 
 Models: the tiny SDXL the tests build (64 px, ~2M parameters; CPU), or with --real the Stable Diffusion XL base 1.0
-architecture (UNet 2.57B, CLIP-L + CLIP-G text encoders, VAE; ~3.5B parameters, ~14 GB in fp32) with random
-weights, built from its configs with no download, at 1024 px: meant for a GPU with --mixed-precision bf16.
+architecture (UNet 2.57B, CLIP-L + CLIP-G text encoders, VAE; 3.47B parameters, 13 GiB in fp32) with random
+weights, built from its configs with no download, at 1024 px, batch 1: meant for a GPU with --mixed-precision bf16.
+Building it takes ~2.5 min and 10.5 GB of RAM on 2 CPU cores (one component in memory at a time).
 
 The peer script is not part of the project and never goes into it. Prepare it once, outside the checkout:
 
@@ -121,11 +122,17 @@ SDXL_SCHEDULER = dict(
     interpolation_type="linear",
     use_karras_sigmas=False,
 )
-# parameters of the real checkpoint's components (UNet, CLIP-L, CLIP-G with projection, VAE)
-SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+# parameters of the components these configs build, as published for the checkpoint (UNet 2.6B, CLIP-L 123M,
+# CLIP-G with projection 695M, VAE 84M); build_sdxl warns when a config edit changes them
+SDXL_PARAMETERS = {
+    "unet": 2_567_463_684,
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 694_659_840,
+    "vae": 83_653_863,
+}
 
 
-def build_sdxl(out_dir: Path, unet_only: bool = False) -> dict[str, int]:
+def build_sdxl(out_dir: Path) -> dict[str, int]:
     """Save Stable Diffusion XL base 1.0's architecture with random weights (fp32, safetensors) as a
     StableDiffusionXLPipeline folder, one component at a time so that only one is in memory (the UNet: ~10.3 GB,
     plus one 2 GB shard while it is written). The vendored tiny tokenizer stands in for CLIP's (both encoders keep
@@ -142,12 +149,9 @@ def build_sdxl(out_dir: Path, unet_only: bool = False) -> dict[str, int]:
     def save(name: str, model) -> None:
         counts[name] = sum(p.numel() for p in model.parameters())
         print(f"{name}: {counts[name] / 1e6:.1f}M parameters", flush=True)
-        if not unet_only:
-            model.save_pretrained(out_dir / name, max_shard_size="2GB", safe_serialization=True)
+        model.save_pretrained(out_dir / name, max_shard_size="2GB", safe_serialization=True)
 
     save("unet", UNet2DConditionModel(**SDXL_UNET))
-    if unet_only:
-        return counts
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     ids["pad_token_id"] = tokenizer.pad_token_id
@@ -173,6 +177,13 @@ def build_sdxl(out_dir: Path, unet_only: bool = False) -> dict[str, int]:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    return _check_counts(counts)
+
+
+def _check_counts(counts: dict[str, int]) -> dict[str, int]:
+    for name, expected in SDXL_PARAMETERS.items():
+        if name in counts and counts[name] != expected:
+            print(f"warning: {name} has {counts[name]} parameters, the real checkpoint {expected}", flush=True)
     return counts
 
 
@@ -225,13 +236,15 @@ def peer_command(args, base: Path, instance: Path, output_dir: Path) -> list[str
 
 
 def thread_env(args) -> dict[str, str]:
-    if not args.threads:
-        return {}
-    return {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    """Both sides: the same CPU threads, and no Hub calls (the model is a local folder)."""
+    env = {"HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    return env
 
 
 def peer_env(args) -> dict[str, str]:
-    env = {**os.environ, **thread_env(args), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **thread_env(args)}
     # tqdm >= 4.66 reads its defaults from TQDM_* variables: a line per step with that step's own rate
     env.update(TQDM_MININTERVAL="0", TQDM_MINITERS="1", TQDM_SMOOTHING="1")
     if args.peer_stub:
@@ -373,7 +386,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=None, help="default 2 (tiny), 1 (--real)")
     parser.add_argument("--resolution", type=int, default=None, help="default 64 (tiny), 1024 (--real)")
-    parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of both sides; 0: leave as is")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP/MKL threads of both sides; default 2 (tiny), 0 (--real): as is"
+    )
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--real", action="store_true", help="SDXL base 1.0 architecture, random weights (GPU)")
@@ -384,6 +399,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batch_size = args.batch_size or (1 if args.real else 2)
     args.resolution = args.resolution or (1024 if args.real else 64)
+    args.threads = (0 if args.real else 2) if args.threads is None else args.threads
 
     if args.build_only:
         counts = build_sdxl(args.build_only) if args.real else None
