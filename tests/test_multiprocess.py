@@ -103,7 +103,11 @@ def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path, fam
         two_process_command(path), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_tensors(safetensors_in(tmp_path / "two"), safetensors_in(reference), atol=1e-5)
+    # equal up to float rounding: DDP's all-reduced mean of two batch-1 gradients rounds differently from the
+    # batch-2 mean, and Adam turns that into weight differences of up to a few percent of one step (lr 1e-3). The
+    # last landed commit gave 1.37e-5 here on this machine's CPU kernels; a wrong split of the data moves weights by
+    # whole steps (~1e-3)
+    assert_same_tensors(safetensors_in(tmp_path / "two"), safetensors_in(reference), atol=5e-5)
 
 
 def test_two_machines_on_loopback_and_a_rank_that_dies(tmp_path):
