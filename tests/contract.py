@@ -57,7 +57,8 @@ class Row:
 
 
 def rows_of(family: str) -> list[Row]:
-    lora = {"rank": 4, "train_text_encoder": True, "export_kohya": True}
+    # alpha 8 != rank 4: the kohya export must carry the trained strength
+    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "export_kohya": True}
     dreambooth = {"instance_prompt": TRIGGER_PROMPT}
     prior = {"with_prior_preservation": True, "class_prompt": "a photo of toy", "num_class_images": 2}
     prior.update(class_inference_steps=2, sample_batch_size=2)
@@ -147,6 +148,12 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
     assert losses and all(np.isfinite(losses)), losses
     card = (out / "README.md").read_text()
     assert PIPELINES[row.family] in card, "the card shows how to load it with the family's pipeline"
+    facts = {"lora": ["load_lora_weights"], "pipeline": [".from_pretrained"], "embeddings": [TOKEN]}[row.output]
+    if row.method in ("dreambooth", "inpainting"):
+        facts += ["`sks`", "learning rate"]
+        facts += ["prior preservation"] if "with_prior_preservation" in row.options else []
+    assert all(fact in card for fact in facts), [fact for fact in facts if fact not in card]
+    assert (out / "samples" / "final.png").is_file()
     prompt = TRIGGER_PROMPT if row.method != "textual_inversion" else f"a photo of a {TOKEN}"
     pipe = pipeline_of(row, bases[row.family])
     before = image(row, pipe, prompt)
@@ -165,6 +172,11 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
             pipe.unload_lora_weights()
             pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
             np.testing.assert_allclose(image(row, pipe, prompt), after, atol=2e-3)
+            kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
+            alphas = {k: v.item() for k, v in kohya.items() if k.endswith(".alpha")}
+            assert alphas and set(alphas.values()) == {float(row.options["alpha"])}
+            prefixes = {k.split("_", 2)[1] for k in kohya}  # unet, te / te1, te2
+            assert prefixes == ({"unet", "te1", "te2"} if row.family == "sdxl" else {"unet", "te"}), prefixes
         pipe.unload_lora_weights()
         np.testing.assert_allclose(image(row, pipe, prompt), before, atol=1e-5)
     assert np.abs(after - before).max() > 1e-3, "the trained output must change the image"
@@ -187,7 +199,7 @@ def check_only_intended_parameters_changed(row: Row, bases: dict[str, Path], out
         for component, should_change in (("unet", True), ("vae", False), ("text_encoder", True)):
             ours = safetensors_in(out / component)
             theirs = safetensors_in(base / component)
-            assert ours.keys() == theirs.keys()
+            assert ours.keys() == theirs.keys() and all(v.dtype == torch.float32 for v in ours.values())
             changed = any(not torch.equal(ours[k], theirs[k]) for k in ours)
             assert changed == should_change, component
     else:  # textual inversion: every embedding row but the new ones is the base's, in every text encoder
