@@ -33,11 +33,13 @@ BUILDERS = {
     "sd": make_tiny_sd_pipeline,
     "sdxl": make_tiny_sdxl_pipeline,
     "sd-inpainting": lambda folder: make_tiny_sd_pipeline(folder, inpainting=True),
+    "sdxl-inpainting": lambda folder: make_tiny_sdxl_pipeline(folder, inpainting=True),
 }
 PIPELINES = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd-inpainting": "StableDiffusionInpaintPipeline",
+    "sdxl-inpainting": "StableDiffusionXLInpaintPipeline",
 }
 
 
@@ -69,15 +71,14 @@ def rows_of(family: str) -> list[Row]:
         Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, "use_lora": True, "rank": 4}),
         Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"),
     ]
-    if family == "sd":
-        rows.append(Row("inpainting-lora", "sd-inpainting", "inpainting", {**dreambooth, "use_lora": True}))
+    rows.append(Row("inpainting-lora", f"{family}-inpainting", "inpainting", {**dreambooth, "use_lora": True}))
     return rows
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------------
-def make_bases(root: Path) -> dict[str, Path]:
+def make_bases(root: Path, family: str) -> dict[str, Path]:
     """The tiny base models, captioned images and instance images the rows train on."""
-    paths = {name: build(root / name) for name, build in BUILDERS.items()}
+    paths = {name: build(root / name) for name, build in BUILDERS.items() if name.split("-")[0] == family}
     captioned = root / "captioned"
     images = make_test_images(captioned, 6, size=64)
     captions = ["a red square", "a blue circle", "a green toy", "a photo of a cat", "two dots", "a toy on a table"]

@@ -13,7 +13,7 @@ ROWS = rows_of("sd")
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    return make_bases(tmp_path_factory.mktemp("contract-sd"))
+    return make_bases(tmp_path_factory.mktemp("contract-sd"), "sd")
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])

@@ -13,7 +13,7 @@ ROWS = rows_of("sdxl")
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    return make_bases(tmp_path_factory.mktemp("contract-sdxl"))
+    return make_bases(tmp_path_factory.mktemp("contract-sdxl"), "sdxl")
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])

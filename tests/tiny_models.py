@@ -136,12 +136,19 @@ def _tiny_clip_config(tokenizer, hidden_size: int = TINY_TEXT_HIDDEN_SIZE):
     )
 
 
-def make_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
+def make_tiny_sdxl_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed: int = 0) -> Path:
     """Save an SDXL-shaped pipeline (~2M parameters, 64 px images) to ``out_dir``: two CLIP text encoders (the second
     with a projection, whose pooled output joins the time ids in the UNet's `text_time` added embedding), the
-    penultimate hidden states of both concatenated as the cross-attention input, as in StableDiffusionXLPipeline."""
+    penultimate hidden states of both concatenated as the cross-attention input, as in StableDiffusionXLPipeline.
+    With ``inpainting=True`` the UNet takes 9 input channels and the folder is a StableDiffusionXLInpaintPipeline."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out_dir = Path(out_dir)
@@ -153,7 +160,7 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer))
         unet = UNet2DConditionModel(
             sample_size=TINY_SD_RESOLUTION // 2,
-            in_channels=4,
+            in_channels=9 if inpainting else 4,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=2,
@@ -180,7 +187,10 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
         **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")},
         timestep_spacing="leading",
     )
-    pipeline = StableDiffusionXLPipeline(
+    pipeline_class, extra = StableDiffusionXLPipeline, {}
+    if inpainting:
+        pipeline_class, extra = StableDiffusionXLInpaintPipeline, {"requires_aesthetics_score": False}
+    pipeline = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -189,6 +199,7 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
         unet=unet,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
+        **extra,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
