@@ -67,7 +67,7 @@ class ClassConditionalDDPM(UnconditionalDDPM):
                 )
         return source
 
-    def transform_example(self, example: dict, rng) -> dict:
+    def make_example(self, example: dict, rng) -> dict:
         label = int(example.pop(self.config.data.label_column, example.get("label")))
         if not 0 <= label < self.options.num_classes:
             raise ValueError(
@@ -91,7 +91,7 @@ class ClassConditionalDDPM(UnconditionalDDPM):
             unet=self.unwrap(self.unet), scheduler=self.sampling_scheduler(), num_classes=self.options.num_classes
         )
 
-    def sampling_inputs(self, num_images: int) -> dict[str, Any]:
+    def validation_inputs(self, num_images: int) -> dict[str, Any]:
         return {"class_labels": torch.arange(num_images) % self.options.num_classes}
 
     def guidance_inputs(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class DDPMFinetune(UnconditionalDDPM):
             )
         return build_image_source(self.config.data, channels=unet.config.in_channels)
 
-    def load_models(self, channels: int):
+    def load_components(self, channels: int):
         unet, scheduler = self._pretrained
         if unet.config.in_channels != channels:
             raise ConfigError(

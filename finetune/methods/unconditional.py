@@ -100,10 +100,10 @@ class UnconditionalDDPM(DenoisingMethod):
             source,
             self.config.train.seed,
             self.config.data.repeats,
-            transform=self.transform_example,
+            transform=self.make_example,
             min_length=self.config.train.train_batch_size * self.accelerator.num_processes,
         )
-        self.unet, self.noise_scheduler = self.load_models(source.channels)
+        self.unet, self.noise_scheduler = self.load_components(source.channels)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.config.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -112,7 +112,7 @@ class UnconditionalDDPM(DenoisingMethod):
     def build_source(self):
         return build_image_source(self.config.data)
 
-    def transform_example(self, example: dict, rng) -> dict:
+    def make_example(self, example: dict, rng) -> dict:
         return example
 
     def unet_kwargs(self, channels: int) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class UnconditionalDDPM(DenoisingMethod):
             **kwargs,
         )
 
-    def load_models(self, channels: int):
+    def load_components(self, channels: int):
         diffusion = self.config.diffusion
         unet = UNet2DModel(**self.unet_kwargs(channels))
         scheduler = DDPMScheduler(
@@ -170,7 +170,7 @@ class UnconditionalDDPM(DenoisingMethod):
         finally:
             unet.train(was_training)
 
-    def sampling_inputs(self, num_images: int) -> dict[str, Any]:
+    def validation_inputs(self, num_images: int) -> dict[str, Any]:
         """What the pipeline is asked for besides steps and seed."""
         return {"batch_size": num_images}
 
@@ -187,7 +187,7 @@ class UnconditionalDDPM(DenoisingMethod):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             return pipe(
-                **self.sampling_inputs(num_images),
+                **self.validation_inputs(num_images),
                 **self.guidance_inputs(),
                 generator=torch.Generator(self.device).manual_seed(seed),
                 num_inference_steps=self.inference_steps(),
