@@ -181,6 +181,14 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
         pipe.unload_lora_weights()
         np.testing.assert_allclose(image(row, pipe, prompt), before, atol=1e-5)
     assert np.abs(after - before).max() > 1e-3, "the trained output must change the image"
+    if row.method != "inpainting":  # the command line takes the output the same way on every family
+        from pipelines.generate import main
+
+        adapter = {"lora": ["--lora", f"{out}:0.8"], "embeddings": ["--embeddings", str(out)], "pipeline": []}
+        model = out if row.output == "pipeline" else bases[row.family]
+        argv = [str(model), "--prompt", prompt, "--steps", "2", "--height", "64", "--width", "64"]
+        assert main([*argv, *adapter[row.output], "--out", str(out.parent / "generated")]) == 0
+        assert (out.parent / "generated" / "0001.png").is_file()
     free_memory()
 
 
