@@ -83,8 +83,12 @@ def bench_tiny(args, device, workdir: Path) -> None:
         num_beams=args.num_beams, min_new_tokens=args.min_length, max_new_tokens=args.max_length
     )
     options = CaptionOptions(
-        model=str(model_dir), batch_size=args.batch_size, generation=generation, device=str(device),
-        dtype=args.dtype, show_progress=False,
+        model=str(model_dir),
+        batch_size=args.batch_size,
+        generation=generation,
+        device=str(device),
+        dtype=args.dtype,
+        show_progress=False,
     )
     summary = caption_folder(image_dir, options)
     print(

@@ -304,6 +304,7 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
 
 def format_help() -> str:
     """Every option of every section and method, with its type, default and help."""
+
     def section(name: str, cls: type) -> list[str]:
         hints = typing.get_type_hints(cls)
         lines = [f"\n[{name}]"]
