@@ -1,19 +1,21 @@
-"""DreamBooth (Ruiz et al. 2022): teach Stable Diffusion a subject from a few photos, bound to a rare identifier.
+"""DreamBooth (Ruiz et al. 2022): teach a text-to-image model (SD 1.x/2.x, SDXL) a subject from a few photos, bound
+to a rare identifier.
 
 Trains: the whole UNet in fp32 (`use_lora: false`, EMA allowed) or LoRA layers on its attention projections
-(`use_lora: true`, through peft); optionally the text encoder too (all its weights, or LoRA layers). Data: the
+(`use_lora: true`, through peft); optionally the text encoders too (all their weights, or LoRA layers). Data: the
 instance images in `instance_data_dir` with one `instance_prompt` that contains the `trigger` (e.g. "a photo of sks
 dog"), or per-image captions (`use_captions`: metadata.jsonl or .txt files) that each contain it. Loss: the diffusion
-objective on VAE latents. Saves: a complete `StableDiffusionPipeline` folder (full fine-tune) or
+objective on VAE latents. Saves: a complete pipeline folder of the base model's family (full fine-tune) or
 `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(output_dir)`), and a model card.
 
 Prior preservation (`with_prior_preservation`). Images of the subject's class ("a photo of a dog") keep the model
 from forgetting what the class looks like and from attaching the identifier to every dog. The class images live in
-`class_data_dir` (default `<output_dir>/class_images`); when it holds fewer than `num_class_images` readable images,
-the base model generates the missing ones before training: missing image number i is `class_<i>.png`, drawn with its
-own seed (from `train.seed` and i), so the result does not depend on how many processes share the work (they take
-every n-th index) nor on interruptions: an image is written to a temporary name and renamed, images already in the
-folder are kept byte for byte, and a restarted run generates only what is still missing.
+`class_data_dir` (default `<output_dir>/class_images`; the data wrapper is finetune/prior_preservation.py); when it
+holds fewer than `num_class_images` readable images, the base model generates the missing ones before training:
+missing image number i is `class_<i>.png`, drawn with its own seed (from `train.seed` and i), so the result does not
+depend on how many processes share the work (they take every n-th index) nor on interruptions: an image is written
+to a temporary name and renamed, images already in the folder are kept byte for byte, and a restarted run generates
+only what is still missing.
 
 How the prior loss is weighted (the semantics differ from the diffusers script, the expectation does not). diffusers'
 `train_dreambooth.py` builds every batch of B instance images *and* B class images and minimises
