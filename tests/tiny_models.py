@@ -58,13 +58,12 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
     """
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     out_dir = Path(out_dir)
     tokenizer = load_tiny_clip_tokenizer()
@@ -80,29 +79,8 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=TINY_TEXT_HIDDEN_SIZE,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=TINY_SD_RESOLUTION,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=TINY_TEXT_HIDDEN_SIZE,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                projection_dim=TINY_TEXT_HIDDEN_SIZE,
-                max_position_embeddings=CLIP_MAX_LENGTH,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        vae = _tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
     pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     pipeline = pipeline_class(
         vae=vae,
@@ -117,6 +95,21 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def _tiny_vae():
+    """The tiny SD/SDXL AutoencoderKL: 2 levels (a 64 px image is a 32 px latent), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=TINY_SD_RESOLUTION,
+    )
 
 
 def _tiny_clip_config(tokenizer, hidden_size: int = TINY_TEXT_HIDDEN_SIZE):
@@ -143,7 +136,6 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, inpainting: bool = False, se
     With ``inpainting=True`` the UNet takes 9 input channels and the folder is a StableDiffusionXLInpaintPipeline."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
@@ -174,15 +166,7 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, inpainting: bool = False, se
             # 6 time ids (original size, crop top-left, target size) + the pooled text embedding of encoder 2
             projection_class_embeddings_input_dim=6 * time_embed_dim + TINY_TEXT_HIDDEN_SIZE,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=TINY_SD_RESOLUTION,
-        )
+        vae = _tiny_vae()
     scheduler = EulerDiscreteScheduler(
         **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")},
         timestep_spacing="leading",

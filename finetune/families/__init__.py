@@ -8,27 +8,17 @@ family is adding one file here (and its recipes); nothing else lists the familie
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from functools import cache
 
 from finetune.errors import InputError
+from finetune.registry import discover
 
 
 @cache
 def _registry() -> dict[str, type]:
     from finetune.families.base import Family
 
-    families: dict[str, type] = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, Family) and obj.__module__ == module.__name__ and "name" in obj.__dict__:
-                families[obj.name] = obj
-    return dict(sorted(families.items()))
+    return discover(__name__, __path__, Family)
 
 
 def family_names() -> list[str]:

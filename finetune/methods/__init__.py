@@ -5,27 +5,17 @@ Adding a method is adding one file here (and a recipe); nothing else lists the m
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from functools import cache
 
 from finetune.config import ConfigError
+from finetune.registry import discover
 
 
 @cache
 def _registry() -> dict[str, type]:
     from finetune.methods.base import Method
 
-    methods: dict[str, type] = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, Method) and obj.__module__ == module.__name__ and "name" in obj.__dict__:
-                methods[obj.name] = obj
-    return dict(sorted(methods.items()))
+    return discover(__name__, __path__, Method)
 
 
 def method_names() -> list[str]:
