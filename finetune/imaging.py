@@ -35,6 +35,13 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", 
 _OPEN_LOCK = threading.Lock()
 
 
+def record_path(source: Any) -> str | None:
+    """The file path of an undecoded image record (a path, or a `datasets` {'path', 'bytes'} dict)."""
+    if isinstance(source, dict):
+        return source.get("path")
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether the name ends in one of IMAGE_EXTENSIONS (any case); the file itself is not looked at."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS

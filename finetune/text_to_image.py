@@ -5,6 +5,10 @@ diffusers pipeline built from the modules being trained.
 A method subclasses `TextToImageMethod` and says which parameters train (`configure_trainable`), where its images
 and captions come from (`build_source`, `caption_for`) and what it saves. It never names a family or a pipeline
 class: `self.family` (finetune/families/) answers for SD 1.x/2.x, SDXL and the families after them.
+
+Inpainting is a variant of every method, not a method: when the base model's denoiser also takes a mask and the
+masked image's latents (an inpainting checkpoint), each example gets a mask from the data layer (finetune/masks.py),
+the denoiser gets the channels the family's inpainting pipeline builds, and the outputs are for that pipeline.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from finetune import atomic, diffusion
@@ -25,6 +30,7 @@ from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
 from finetune.families import family_of_pipeline, get_family, supported
 from finetune.families.base import MODEL_KEY, Family, pipeline_class_name
+from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks
 from finetune.methods.base import Method, eval_mode
 from finetune.objectives import batch_weights, combined_weights, weighted_mse
 
@@ -32,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TextToImageOptions:
+class TextToImageOptions(InpaintingMaskOptions):
     cache: Literal["none", "memory", "disk"] = option(
         "none",
         "Encode every image with the VAE (and every caption with frozen text encoders) once before training: "
@@ -48,6 +54,7 @@ class TextToImageOptions:
     validation_guidance_scale: float = option(7.5, "Guidance scale of validation images.")
 
     def __post_init__(self):
+        InpaintingMaskOptions.__post_init__(self)
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -127,27 +134,56 @@ class LatentCache:
 class TextToImageMethod(Method):
     """A denoiser on VAE latents conditioned on text (Rombach et al. 2022), through a model family."""
 
-    # True: the family's inpainting pipeline, whose UNet also takes a mask and the masked image's latents
-    inpainting: ClassVar[bool] = False
+    # True once the base model is known to be an inpainting model (its denoiser also takes a mask and the masked
+    # image's latents): set in setup from model_index.json and the denoiser's input channels
+    inpainting: bool = False
+    masks: InpaintingMasks | None = None
 
     @classmethod
     def check_config(cls, config: Config) -> None:
+        options, section = config.method_options, config.method
         if config.data.resolution % 8:
             raise ConfigError(
                 f"data.resolution={config.data.resolution} must be a multiple of 8 (the VAE downsamples by 8)"
             )
-        if config.method_options.cache != "none" and not config.data.center_crop:
+        if options.cache != "none" and not config.data.center_crop:
             raise ConfigError(
-                f"{config.method}.cache needs data.center_crop=true: a random crop differs every epoch and cannot be "
+                f"{section}.cache needs data.center_crop=true: a random crop differs every epoch and cannot be "
                 "cached. Turn off the cache or use center crops."
             )
+        if (options.mask_data_dir or options.mask_column) and not config.data.center_crop:
+            raise ConfigError(
+                "user masks need data.center_crop=true: a random crop of the image cannot be repeated on its mask"
+            )
+        images = cls.image_folder(config)
+        if options.mask_data_dir and images is not None:
+            images, masks = images.expanduser().resolve(), Path(options.mask_data_dir).expanduser().resolve()
+            if masks == images or images in masks.parents:
+                raise ConfigError(
+                    f"{section}.mask_data_dir is inside the training image folder {str(images)!r}: the masks would "
+                    "be read as training images. Use a folder outside it."
+                )
+
+    @classmethod
+    def image_folder(cls, config: Config) -> Path | None:
+        """The local folder of the training images (None: not a folder)."""
+        folder = Path(config.data.dataset).expanduser()
+        return folder if folder.is_dir() else None
 
     # -- what a method decides ---------------------------------------------------------------------------------------
-    needs_pixels_with_cache = False  # True when the loss uses the images themselves even with cached latents
+    @property
+    def needs_pixels_with_cache(self) -> bool:
+        """True when the loss uses the images themselves even with cached latents (the masked image of inpainting
+        changes with every example's mask)."""
+        return self.inpainting
 
     def build_source(self):
-        """Images with a caption column (the LoRA / fine-tuning data)."""
-        return build_image_source(self.config.data, columns=[self.config.data.caption_column])
+        """Images with a caption column (the LoRA / fine-tuning data), and the mask column when masks are listed."""
+        columns = [self.config.data.caption_column, *self.mask_columns()]
+        return build_image_source(self.config.data, columns=columns)
+
+    def mask_columns(self) -> list[str]:
+        return [self.options.mask_column] if self.options.mask_column else []
 
     def caption_for(self, example: dict, rng: np.random.Generator) -> str:
         caption = example.pop(self.config.data.caption_column)
@@ -188,11 +224,14 @@ class TextToImageMethod(Method):
         # before the models load (the model path itself was checked before the job started)
         self.family = self.resolve_family()
         source = self.build_source()
+        self.inpainting = self.family.is_inpainting(self.base_pipeline_class())
+        self.prepare_masks(source)  # user masks are checked before the models load
         for name, part in self.load_components().items():
             setattr(self, name, part)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.objective = self.family.objective(self.noise_scheduler, self.prediction_type, self.config.diffusion)
         self.check_models()
+        self.prepare_masks(source)  # (an inpainting UNet in a folder whose model_index.json does not say so)
         self.vae.requires_grad_(False)
         self.vae.to(self.device).eval()
         vae_dtype = self.family.vae_dtype(self.config, self.weight_dtype)
@@ -228,25 +267,61 @@ class TextToImageMethod(Method):
     def resolve_family(self) -> Family:
         return resolve_family(self.config)
 
+    def base_pipeline_class(self) -> str | None:
+        model = self.config.model
+        return pipeline_class_name(str(model.pretrained_model_name_or_path), model.revision)
+
+    def prepare_masks(self, source) -> None:
+        """An inpainting model's masks (user masks found and checked); a mask option for a text-to-image model is a
+        mistake worth one line."""
+        section = self.config.method
+        if not self.inpainting:
+            if self.options.user_masks_given():
+                raise ConfigError(
+                    f"{section}.mask_data_dir / mask_column / validation_image / validation_mask are for inpainting "
+                    f"models, and {self.config.model.pretrained_model_name_or_path!r} is a text-to-image model: "
+                    "remove them, or train an inpainting checkpoint"
+                )
+            return
+        if self.masks is None:
+            user_masks = find_user_masks(source, self.image_folder(self.config), self.options, section)
+            self.masks = InpaintingMasks(self.options, self.config.data.resolution, user_masks)
+            self.mask_records = source
+
     def load_components(self) -> dict[str, Any]:
         """The base pipeline's components, from the family (a method that builds new ones, such as latent diffusion
         from scratch, overrides this)."""
         return self.family.load(self.config)
 
     def check_models(self) -> None:
-        expected = self.vae.config.latent_channels
-        if self.unet.config.in_channels != expected:
+        """The denoiser takes the VAE's latents (text-to-image) or twice them plus a mask (inpainting)."""
+        latent, channels = self.vae.config.latent_channels, self.unet.config.in_channels
+        if channels == 2 * latent + 1:
+            self.inpainting = True
+        elif channels == latent:
+            if self.inpainting:
+                raise ConfigError(
+                    f"{self.config.model.pretrained_model_name_or_path!r} is an inpainting pipeline, but its UNet "
+                    f"takes {channels} input channels (an inpainting UNet takes {2 * latent + 1}: noisy latents, "
+                    "mask, masked-image latents)"
+                )
+        else:
             raise ConfigError(
-                f"the UNet of {self.config.model.pretrained_model_name_or_path!r} takes "
-                f"{self.unet.config.in_channels} input channels, not the VAE's {expected}: an inpainting model needs "
-                "the 'inpainting' method"
+                f"the UNet of {self.config.model.pretrained_model_name_or_path!r} takes {channels} input channels; "
+                f"the VAE's latents have {latent} (a text-to-image model takes {latent}, an inpainting model "
+                f"{2 * latent + 1})"
             )
 
     def make_example(self, example: dict, rng: np.random.Generator) -> dict:
+        is_class = bool(example.get("prior", False))  # (caption_for takes it off)
+        for column in self.mask_columns():
+            example.pop(column, None)
         text = self.caption_for(example, rng)
         if self.options.caption_dropout and rng.random() < self.options.caption_dropout:
             text = ""  # classifier-free guidance: sometimes train unconditioned
         example["text"] = text
+        if self.masks is not None:
+            example["mask"] = self.masks.mask_for(example["row"], example["flipped"], is_class, rng)
         return example
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -404,9 +479,24 @@ class TextToImageMethod(Method):
         return weighted_mse(prediction, target, self.loss_weights(timesteps, batch)), {}
 
     def model_input(self, noisy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """What the denoiser takes besides the time and the text: the noisy latents (inpainting adds its mask and
-        masked-image channels)."""
-        return noisy
+        """What the denoiser takes besides the time and the text: the noisy latents, and for an inpainting model the
+        mask and the masked image's latents."""
+        if not self.inpainting:
+            return noisy
+        return torch.cat([noisy, self.inpainting_conditioning(batch, tuple(noisy.shape[-2:]))], dim=1)
+
+    def inpainting_conditioning(self, batch: dict[str, Any], latent_size: tuple[int, int]) -> torch.Tensor:
+        """[mask at latent size (nearest), masked-image latents]: the channels the inpainting pipelines append to the
+        noisy latents. The masked image is image x (mask < 0.5) in [-1, 1]; its latents are the VAE posterior mean
+        (the pipelines sample the posterior: the difference is the VAE's tiny posterior noise)."""
+        mask = batch["mask"].to(self.device, torch.float32)
+        pixels = batch["pixel_values"].to(self.device, torch.float32)
+        masked = pixels * (mask < 0.5)
+        with torch.no_grad():
+            latents = self.vae.encode(masked.to(self.vae.dtype)).latent_dist.mode().float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        masked_latents = (latents - shift) * self.vae.config.scaling_factor
+        return torch.cat([F.interpolate(mask, size=latent_size), masked_latents], dim=1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         conditioning = self.text_conditioning(batch)
@@ -430,7 +520,19 @@ class TextToImageMethod(Method):
     def validation_inputs(self, num_images: int) -> dict[str, Any]:
         """Pipeline arguments of sample grids besides prompts, steps and seed (an inpainting pipeline needs an image
         and a mask)."""
-        return {}
+        if not self.inpainting:
+            return {}
+        if getattr(self, "_validation_pair", None) is None:
+            self._validation_pair = self.masks.validation_pair(self.mask_records)
+        image, mask = self._validation_pair
+        return {"image": [image] * num_images, "mask_image": [mask] * num_images}
+
+    def generation_inputs(self, num_images: int) -> dict[str, Any]:
+        """Pipeline arguments that draw whole new images (class images of prior preservation): none for text to
+        image, a full mask for inpainting."""
+        if not self.inpainting:
+            return {}
+        return InpaintingMasks.class_generation_inputs(num_images, self.config.data.resolution)
 
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
@@ -454,4 +556,18 @@ class TextToImageMethod(Method):
     def usage_loading(self, base: str, output: str = "OUTPUT_DIR_OR_REPO_ID") -> str:
         """The model card's lines that build the pipeline: `from diffusers import ...` and `pipe = ...`."""
         cls = self.pipeline_class().__name__
-        return f'from diffusers import {cls}\n\npipe = {cls}.from_pretrained("{base}")'
+        imports = "\nfrom diffusers.utils import load_image" if self.inpainting else ""
+        return f'from diffusers import {cls}{imports}\n\npipe = {cls}.from_pretrained("{base}")'
+
+    def usage_call(self, prompt: str) -> str:
+        """The model card's generation line."""
+        if not self.inpainting:
+            return f'image = pipe("{prompt}", num_inference_steps=30, guidance_scale=7.5).images[0]'
+        return f"""image = load_image("photo.png")
+mask = load_image("mask.png")  # white = repaint, black = keep
+result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, guidance_scale=7.5).images[0]
+# keep the unmasked pixels exactly: result = pipe.image_processor.apply_overlay(mask, image, result)"""
+
+    def card_tags(self) -> list[str]:
+        """The task tags of the model card: the pipeline's task and the family."""
+        return ["inpainting" if self.inpainting else "text-to-image", self.family.name]

@@ -57,6 +57,11 @@ class Row:
     def id(self) -> str:
         return f"{self.name}-{self.family}"
 
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting checkpoint (any method trains one; its images come from an image and a mask)."""
+        return self.family.endswith("-inpainting")
+
 
 def rows_of(family: str) -> list[Row]:
     # alpha 8 != rank 4: the kohya export must carry the trained strength
@@ -71,7 +76,8 @@ def rows_of(family: str) -> list[Row]:
         Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, "use_lora": True, "rank": 4}),
         Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"),
     ]
-    rows.append(Row("inpainting-lora", f"{family}-inpainting", "inpainting", {**dreambooth, "use_lora": True}))
+    # inpainting is a variant of every method: DreamBooth-LoRA on the family's inpainting checkpoint
+    rows.append(Row("inpainting-lora", f"{family}-inpainting", "dreambooth", {**dreambooth, "use_lora": True}))
     return rows
 
 
@@ -92,7 +98,7 @@ def recipe(row: Row, bases: dict[str, Path], output_dir: Path, steps: int = 3, *
     """A run of `steps` optimizer steps with a checkpoint after step 2; flips, caption dropout (where there are
     captions) and a cosine schedule make every piece of state matter for the final weights."""
     options = dict(row.options)
-    if row.method in ("dreambooth", "inpainting"):
+    if row.method == "dreambooth":
         options["instance_data_dir"] = str(bases["instance"])
         if options.get("with_prior_preservation"):
             options["class_data_dir"] = str(output_dir.parent / f"{output_dir.name}-class")
@@ -125,7 +131,7 @@ def pipeline_of(row: Row, folder: Path):
 
 
 def image(row: Row, pipe, prompt: str) -> np.ndarray:
-    if row.method == "inpainting":
+    if row.inpainting:
         from PIL import Image
 
         pipe.set_progress_bar_config(disable=True)
@@ -150,7 +156,7 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
     card = (out / "README.md").read_text()
     assert PIPELINES[row.family] in card, "the card shows how to load it with the family's pipeline"
     facts = {"lora": ["load_lora_weights"], "pipeline": [".from_pretrained"], "embeddings": [TOKEN]}[row.output]
-    if row.method in ("dreambooth", "inpainting"):
+    if row.method == "dreambooth":
         facts += ["`sks`", "learning rate"]
         facts += ["prior preservation"] if "with_prior_preservation" in row.options else []
     assert all(fact in card for fact in facts), [fact for fact in facts if fact not in card]
@@ -181,7 +187,7 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
         pipe.unload_lora_weights()
         np.testing.assert_allclose(image(row, pipe, prompt), before, atol=1e-5)
     assert np.abs(after - before).max() > 1e-3, "the trained output must change the image"
-    if row.method != "inpainting":  # the command line takes the output the same way on every family
+    if not row.inpainting:  # the command line takes the output the same way on every family
         from pipelines.generate import main
 
         adapter = {"lora": ["--lora", f"{out}:0.8"], "embeddings": ["--embeddings", str(out)], "pipeline": []}
@@ -291,6 +297,6 @@ def check_row(row: Row, bases: dict[str, Path]) -> None:
     straight = run_training(recipe(row, bases, root / "run"))
     check_trains_saves_loads_and_changes_the_image(row, bases, straight)
     check_only_intended_parameters_changed(row, bases, straight)
-    if row.method != "inpainting":  # the inpainting loss uses the pixels every step (the masked image)
+    if not row.inpainting:  # the inpainting loss uses the pixels every step (the masked image)
         check_cached_equals_uncached(row, bases, root)
     check_sigkill_and_resume_equal_an_uninterrupted_run(row, bases, straight)

@@ -12,11 +12,11 @@ from finetune import data, imaging
 
 
 def test_one_extension_list_shared_by_every_reader():
-    from finetune import evaluate
-    from finetune.methods import dreambooth, inpainting
+    from finetune import evaluate, masks
+    from finetune.methods import dreambooth
 
     assert {".gif", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp", ".bmp"} == imaging.IMAGE_EXTENSIONS
-    for module in (data, dreambooth, inpainting, evaluate):
+    for module in (data, dreambooth, masks, evaluate):
         assert module.IMAGE_EXTENSIONS is imaging.IMAGE_EXTENSIONS, module.__name__
     for name in ("IMAGE_EXTENSIONS", "open_image", "to_mode", "ImageTooLarge", "EXIF_ORIENTATION"):
         assert getattr(data, name) is getattr(imaging, name), name

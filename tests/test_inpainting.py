@@ -1,5 +1,6 @@
-"""DreamBooth inpainting on a tiny 9-channel inpainting pipeline: masks, the UNet conditioning the pipelines expect,
-full and LoRA outputs that plain `StableDiffusionInpaintPipeline` loads, and the errors for the wrong model."""
+"""Inpainting checkpoints trained by the text-to-image methods (a tiny 9-channel inpainting pipeline): masks, the UNet
+conditioning the pipelines expect, full and LoRA outputs that plain `StableDiffusionInpaintPipeline` loads, and the
+errors for mask options on the wrong model."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 
 from finetune.config import ConfigError
 from finetune.data import collate_examples
-from finetune.methods.inpainting import Inpainting, random_mask, tensor_to_image
+from finetune.masks import random_mask, tensor_to_image
+from finetune.methods import get_method_class
 from finetune.recipe import load_config
 from tests.helpers import reset_accelerate, run_training
 from tests.test_dreambooth import PROMPT, prior, recipe
@@ -53,11 +55,11 @@ def inpaint(pipe, image, mask):
     ).images[0]
 
 
-def set_up(config) -> Inpainting:
+def set_up(config):
     from accelerate import Accelerator
 
     reset_accelerate()
-    method = Inpainting(config, Accelerator(cpu=True))
+    method = get_method_class(config.method)(config, Accelerator(cpu=True))
     method.setup()
     return method
 
@@ -101,7 +103,7 @@ def test_training_conditions_the_unet_exactly_like_the_inpainting_pipeline(
 
     # the pipeline samples the VAE posterior of the masked image, training takes its mean: compare with the mean
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
-    method = set_up(load_config(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run", method="inpainting")))
+    method = set_up(load_config(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run")))
     examples = method.train_dataset
     example = next(e for e in (examples[i] for i in range(len(examples))) if 0 < e["mask"].mean() < 1)
     assert torch.equal(examples[0]["mask"], examples[0]["mask"]), "the mask is drawn from the example's own seed"
@@ -146,7 +148,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_inpaint_dir, insta
     for cache in ("none", "memory"):
         options = dict(cache=cache, **prior(class_dir, num_class_images=2, prior_loss_weight=0.5))
         config = load_config(
-            recipe(tiny_inpaint_dir, instance_dir, tmp_path / cache, method="inpainting", **options),
+            recipe(tiny_inpaint_dir, instance_dir, tmp_path / cache, **options),
             ["data.random_flip=true"],
         )
         method = set_up(config)
@@ -164,7 +166,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_inpaint_dir, insta
 def test_full_inpainting_saves_an_inpaint_pipeline_that_repaints_the_masked_region(
     tiny_inpaint_dir, instance_dir, tmp_path
 ):
-    out = run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run", method="inpainting"))
+    out = run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run"))
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
     image, mask = Image.open(instance_dir / "image_001.png").convert("RGB"), centre_mask()
     base = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint_dir)
@@ -185,9 +187,7 @@ def test_lora_inpainting_with_prior_preservation_loads_into_the_inpaint_pipeline
     tiny_inpaint_dir, instance_dir, tmp_path
 ):
     options = dict(use_lora=True, **prior(tmp_path / "class", num_class_images=2))
-    out = run_training(
-        recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run", method="inpainting", lr=5e-3, **options)
-    )
+    out = run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run", lr=5e-3, **options))
     assert sorted(p.name for p in (tmp_path / "class").iterdir()) == ["class_0.png", "class_1.png"]
     assert all(k.startswith("unet.") for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
     image, mask = Image.open(instance_dir / "image_001.png").convert("RGB"), centre_mask()
@@ -202,16 +202,37 @@ def test_lora_inpainting_with_prior_preservation_loads_into_the_inpaint_pipeline
     assert "load_lora_weights" in card and "mask_image=mask" in card and "inpainting" in card
 
 
+def test_lora_on_captioned_images_trains_an_inpainting_checkpoint(tiny_inpaint_dir, instance_dir, tmp_path):
+    """Inpainting is a variant of every text-to-image method, not a method: plain LoRA on captions trains one."""
+    images = tmp_path / "captioned"
+    files = make_test_images(images, 3, size=64, seed=4)
+    lines = [json.dumps({"file_name": f.name, "text": f"{PROMPT} {i}"}) for i, f in enumerate(files)]
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run", method="lora", lr=5e-3, steps=3)
+    config["data"]["dataset"] = str(images)
+    config["lora"] = {"rank": 4, "mask_shapes": ["rectangle"], "full_mask_probability": 0.0}
+    out = run_training(config)
+    image, mask = Image.open(instance_dir / "image_001.png").convert("RGB"), centre_mask()
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_inpaint_dir)
+    before = np.asarray(inpaint(pipe, image, mask), np.float32)
+    pipe.load_lora_weights(out)
+    assert np.abs(np.asarray(inpaint(pipe, image, mask), np.float32) - before).max() > 1.0
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionInpaintPipeline" in card and "mask_image=mask" in card and "inpainting" in card
+
+
 # -- bad input -------------------------------------------------------------------------------------------------------
-def test_the_wrong_kind_of_model_is_refused_with_the_models_that_fit(
-    tiny_inpaint_dir, tiny_sd_dir, instance_dir, tmp_path
+def test_mask_options_on_a_text_to_image_model_and_the_old_method_name_are_one_clear_line(
+    tiny_sd_dir, instance_dir, tmp_path
 ):
-    with pytest.raises(
-        ConfigError, match=r"9 input channels .* takes 4\..*stable-diffusion-2-inpainting.*'dreambooth'"
-    ):
-        run_training(recipe(tiny_sd_dir, instance_dir, tmp_path / "a", method="inpainting"))
-    with pytest.raises(ConfigError, match="an inpainting model needs the 'inpainting' method"):
-        run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "b"))
+    masks = tmp_path / "masks"
+    make_test_images(masks, 1, size=64)
+    with pytest.raises(ConfigError, match=r"dreambooth.mask_data_dir .* are for inpainting models.*text-to-image"):
+        run_training(recipe(tiny_sd_dir, instance_dir, tmp_path / "a", mask_data_dir=str(masks)))
+    with pytest.raises(ConfigError, match=r"method 'inpainting' is gone: .*use method 'dreambooth'"):
+        run_training(recipe(tiny_sd_dir, instance_dir, tmp_path / "b", method="inpainting"))
+    with pytest.raises(ConfigError, match="mask_data_dir is inside the training image folder"):
+        load_config(recipe(tiny_sd_dir, instance_dir, tmp_path / "c", mask_data_dir=str(instance_dir / "m")))
 
 
 def test_user_masks_follow_their_images(tiny_inpaint_dir, tmp_path):
@@ -225,12 +246,19 @@ def test_user_masks_follow_their_images(tiny_inpaint_dir, tmp_path):
         mask[:, : 16 * (i + 1)] = 255  # left stripes of different widths: a flip is visible
         Image.fromarray(mask, mode="L").save(masks / f"image_{i:03d}.png")
     config = load_config(
-        recipe(tiny_inpaint_dir, images, tmp_path / "run", method="inpainting", mask_data_dir=str(masks)),
+        recipe(tiny_inpaint_dir, images, tmp_path / "run", mask_data_dir=str(masks)),
         ["data.random_flip=true"],
     )
     reset_accelerate()
-    method = Inpainting(config, Accelerator(cpu=True))
-    source = method.build_source()
+    method = get_method_class("dreambooth")(config, Accelerator(cpu=True))
+
+    def find_masks():
+        method.inpainting, method.masks = True, None
+        source = method.build_source()
+        method.prepare_masks(source)
+        return source
+
+    source = find_masks()
     flips = set()
     for index in range(3):
         for epoch in range(4):
@@ -243,10 +271,10 @@ def test_user_masks_follow_their_images(tiny_inpaint_dir, tmp_path):
     assert flips == {True, False}
 
     (masks / "image_002.png").unlink()
-    with pytest.raises(ConfigError, match="1 instance image\\(s\\) have no mask .*image_002.png"):
-        method.build_source()
+    with pytest.raises(ConfigError, match="1 training image\\(s\\) have no mask .*image_002.png"):
+        find_masks()
     Image.new("L", (32, 64)).save(masks / "image_002.png")
     with pytest.raises(ConfigError, match="image_002.png: mask 32x64, image 64x64"):
-        method.build_source()
+        find_masks()
     with pytest.raises(ConfigError, match="user masks need data.center_crop=true"):
         load_config(config.to_dict(), ["data.center_crop=false"])

@@ -164,6 +164,10 @@ class Family:
             raise ConfigError(f"the {self.name} family has no inpainting pipeline")
         return getattr(diffusers, name)
 
+    def is_inpainting(self, pipeline_class: str | None) -> bool:
+        """Whether a pipeline folder's model_index.json `_class_name` is this family's inpainting pipeline."""
+        return pipeline_class is not None and pipeline_class == self.inpainting_pipeline
+
     def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
         """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler."""
         raise NotImplementedError

@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from finetune.data import (
     find_unreadable_images,
     load_records,
 )
+from finetune.imaging import record_path
 from finetune.methods.base import eval_mode
 from finetune.methods.lora import lora_card, lora_modules
 from finetune.prior_preservation import (
@@ -156,13 +156,6 @@ def non_image_files(folder: Path) -> list[Path]:
     )
 
 
-def record_path(source: Any) -> str | None:
-    """The file path of an undecoded image record (a path, or a `datasets` {'path', 'bytes'} dict)."""
-    if isinstance(source, dict):
-        return source.get("path")
-    return str(source) if isinstance(source, (str, os.PathLike)) else None
-
-
 class DreamBooth(TextToImageMethod):
     name = "dreambooth"
     summary = (
@@ -212,6 +205,10 @@ class DreamBooth(TextToImageMethod):
         if options.export_kohya and not options.use_lora:
             raise ConfigError(f"{section}.export_kohya needs {section}.use_lora=true")
 
+    @classmethod
+    def image_folder(cls, config: Config) -> Path | None:
+        return Path(config.method_options.instance_data_dir).expanduser()
+
     @staticmethod
     def class_folder(config: Config) -> Path:
         folder = config.method_options.class_data_dir
@@ -219,7 +216,8 @@ class DreamBooth(TextToImageMethod):
 
     # -- data --------------------------------------------------------------------------------------------------------
     def instance_columns(self) -> list[str]:
-        return [self.config.data.caption_column] if self.options.use_captions else []
+        captions = [self.config.data.caption_column] if self.options.use_captions else []
+        return captions + self.mask_columns()
 
     def build_source(self):
         """The instance images (checked: non-images and unreadable files skipped and counted, captions and their
@@ -375,10 +373,6 @@ class DreamBooth(TextToImageMethod):
                 text_encoder.train()
 
     # -- class images ------------------------------------------------------------------------------------------------
-    def class_generation_inputs(self, num_images: int) -> dict[str, Any]:
-        """Pipeline arguments for class images besides prompt, steps, guidance and seeds."""
-        return {}
-
     @torch.no_grad()
     def generate_class_images(self) -> list[Path]:
         """Fill class_data_dir up to num_class_images; this process writes every n-th missing index. Returns the
@@ -420,7 +414,7 @@ class DreamBooth(TextToImageMethod):
                             generator=generators,
                             height=resolution,
                             width=resolution,
-                            **self.class_generation_inputs(len(chunk)),
+                            **self.generation_inputs(len(chunk)),
                         ).images
                     for index, image in zip(chunk, images):
                         path = self.class_dir / CLASS_IMAGE_PATTERN.format(index=index)
@@ -487,14 +481,6 @@ class DreamBooth(TextToImageMethod):
         pipe = self.family.pipeline(parts, self.base_scheduler(), inpainting=self.inpainting)
         pipe.save_pretrained(output_dir, safe_serialization=True)
 
-    def usage_imports(self) -> str:
-        """Extra import lines of the card's snippet (each starting with a newline)."""
-        return ""
-
-    def usage_call(self, prompt: str) -> str:
-        """The generation line of the card's snippet."""
-        return f'image = pipe("{prompt}", num_inference_steps=30, guidance_scale=7.5).images[0]'
-
     def card(self) -> dict[str, Any]:
         base = self.config.model.pretrained_model_name_or_path
         prompt = self.validation_prompts()[0]
@@ -505,7 +491,7 @@ class DreamBooth(TextToImageMethod):
                 'pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors'
             )
         else:
-            facts = {"base_model": base, "tags": ["text-to-image", self.family.name]}
+            facts = {"base_model": base, "tags": self.card_tags()}
             load = f"{self.usage_loading('OUTPUT_DIR_OR_REPO_ID')}  # the complete fine-tuned pipeline"
         prior = (
             f" with prior preservation ({len(self.train_dataset.source.classes)} class images of "
@@ -524,7 +510,7 @@ class DreamBooth(TextToImageMethod):
                 f"`{base}` on the images in `{self.options.instance_data_dir}`{prior}. Put `{self.options.trigger}` "
                 f"in the prompt, as in the instance prompt `{prompt}`."
             ),
-            "usage": f"""{self.usage_imports()}
+            "usage": f"""
 {load}
 {self.usage_call(prompt)}
 """,

@@ -28,12 +28,12 @@ def lora_card(method, trigger: str | None = None) -> dict[str, Any]:
     prompt = trigger or method.validation_prompts()[0]
     return {
         "base_model": base,
-        "tags": ["lora", "text-to-image", method.family.name],
+        "tags": ["lora", *method.card_tags()],
         "trigger": trigger,
         "usage": f"""
 {method.usage_loading(base)}
 pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors
-image = pipe("{prompt}", num_inference_steps=30).images[0]
+{method.usage_call(prompt)}
 """,
     }
 

@@ -303,7 +303,7 @@ class TextualInversion(TextToImageMethod):
             load = f'pipe.load_textual_inversion("OUTPUT_DIR_OR_REPO_ID")  # {EMBEDDINGS_FILE}: adds {token}'
         return {
             "base_model": base,
-            "tags": ["textual-inversion", "text-to-image", self.family.name],
+            "tags": ["textual-inversion", *self.card_tags()],
             "trigger": token,
             "description": (
                 f"Textual Inversion embedding for `{token}` ({self.options.num_vectors} vector(s), initialised from "
@@ -313,6 +313,6 @@ class TextualInversion(TextToImageMethod):
             "usage": f"""
 {self.usage_loading(base)}
 {load}
-image = pipe("{prompt}", num_inference_steps=30).images[0]
+{self.usage_call(prompt)}
 """,
         }
