@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_loss_weighting_for_sd3, compute_snr
 
 __all__ = ["compute_snr", "seeded_noise", "seeded_timesteps", "training_target", "min_snr_loss_weights"]
 
@@ -155,3 +157,101 @@ def distillation_loss_weights(
     if prediction_type == "sample":
         return x_weight
     raise ValueError(f"distillation trains a 'v_prediction' or 'sample' student, not {prediction_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flow matching (rectified flow), in diffusers' convention: sigma = 1 is pure noise, sigma = 0 the clean sample.
+# Liu et al. 2022 and Esser et al. 2024 (SD3) write the same path with data at t = 0 (SD3) or t = 1 (Liu): sigma = t of
+# SD3. Equation numbers are not quoted where they could not be checked offline; sections and formulas are.
+# ---------------------------------------------------------------------------------------------------------------------
+FLOW_WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode")
+FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def rectified_flow_interpolant(clean: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps: the straight path of rectified flow (Esser et al. 2024, sec. 3, "Rectified
+    Flow", z_t = (1 - t) x0 + t eps; Liu et al. 2022, eq. 1, X_t = t X_1 + (1 - t) X_0 with time reversed)."""
+    s = _per_example(sigmas, clean)
+    return (1 - s) * clean + s * noise
+
+
+def rectified_flow_velocity(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The regression target d x_sigma / d sigma = eps - x0 (Liu et al. 2022, eq. 1: X_1 - X_0 with noise and data
+    swapped; Esser et al. 2024, sec. 3, rectified flow's velocity for z_t = (1 - t) x0 + t eps)."""
+    return noise - clean
+
+
+def seeded_flow_sigmas(
+    generators: list[torch.Generator],
+    weighting_scheme: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """sigma in [0, 1] per generator, with the densities of diffusers' compute_density_for_timestep_sampling: uniform,
+    logit-normal sigmoid(N(m, s)) (Esser et al. 2024, sec. 3.1, "Logit-Normal Sampling") or f_mode(u) = 1 - u - s
+    (cos^2(pi u / 2) - 1 + u) (sec. 3.1, "Mode Sampling with Heavy Tails")."""
+    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        # diffusers treats any unknown name as uniform: a typo would silently change the training distribution
+        raise ValueError(f"unknown weighting_scheme {weighting_scheme!r}: use one of {FLOW_WEIGHTING_SCHEMES}")
+    # One draw from each example's own generator, with the same torch calls diffusers makes for a whole batch from
+    # the global RNG, so each example's sigma depends only on its seed (exact resume, N processes = 1).
+    if weighting_scheme == "logit_normal":
+        u = torch.cat([torch.normal(logit_mean, logit_std, size=(1,), generator=g) for g in generators])
+        return torch.sigmoid(u)
+    if weighting_scheme == "mode" and not -1 <= mode_scale <= 2 / (math.pi - 2):
+        # outside this range f_mode is not monotone and leaves [0, 1] (Esser et al. 2024, sec. 3.1)
+        raise ValueError(f"mode_scale must lie in [-1, 2 / (pi - 2) = 1.75], got {mode_scale}")
+    u = torch.cat([torch.rand((1,), generator=g) for g in generators])
+    if weighting_scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = shift sigma / (1 + (shift - 1) sigma): more time at high noise for more pixels (Esser et al. 2024, sec.
+    5.3.2, resolution-dependent shifting, with shift = sqrt(m / n)); FlowMatchEulerDiscreteScheduler's static shift."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def resolution_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's mu: linear in the image's token count, base_shift at base_seq_len and max_shift at max_seq_len (Flux's
+    get_lin_function; diffusers' calculate_shift), extrapolated beyond both."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def time_shift_sigmas(sigmas: torch.Tensor, mu: float, time_shift_type: str = "exponential") -> torch.Tensor:
+    """Flux's shift sigma' = e^mu / (e^mu + 1/sigma - 1) (FlowMatchEulerDiscreteScheduler.time_shift, sigma = 1), i.e.
+    the static shift of Esser et al. 2024, sec. 5.3.2 with shift = e^mu ("linear": shift = mu)."""
+    # Written as shift_sigmas: the same value, without the 1/sigma that is infinite at sigma = 0.
+    if time_shift_type == "exponential":
+        return shift_sigmas(sigmas, math.exp(mu))
+    if time_shift_type == "linear":
+        return shift_sigmas(sigmas, mu)
+    raise ValueError(f"unknown time_shift_type {time_shift_type!r}: use 'exponential' or 'linear'")
+
+
+def image_seq_len(latents: torch.Tensor, patch_size: int = 2) -> int:
+    """The transformer's image token count: L of packed [B, L, C] latents, (H / p) (W / p) of [B, C, H, W] ones (Flux
+    packs 2x2 patches: FluxPipeline passes latents.shape[1] of the packed latents to calculate_shift)."""
+    if latents.ndim == 3:
+        return latents.shape[1]
+    if latents.ndim == 4:
+        return (latents.shape[-2] // patch_size) * (latents.shape[-1] // patch_size)
+    raise ValueError(f"expected [B, L, C] or [B, C, H, W] latents, got shape {tuple(latents.shape)}")
+
+
+def flow_loss_weights(sigmas: torch.Tensor, loss_weighting: str) -> torch.Tensor:
+    """Per-example weights of the velocity MSE, from diffusers' compute_loss_weighting_for_sd3: 1, sigma^-2
+    ("sigma_sqrt") or the CosMap density 2 / (pi (1 - 2 sigma + 2 sigma^2)) (Esser et al. 2024, sec. 3.1, "CosMap")."""
+    if loss_weighting not in FLOW_LOSS_WEIGHTINGS:
+        # diffusers weights any unknown name by 1: refuse it instead of training unweighted by accident
+        raise ValueError(f"unknown loss weighting {loss_weighting!r}: use one of {FLOW_LOSS_WEIGHTINGS}")
+    return compute_loss_weighting_for_sd3(loss_weighting, sigmas=sigmas)

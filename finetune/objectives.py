@@ -39,6 +39,82 @@ class DDPMObjective:
         return diffusion.min_snr_loss_weights(snr, self.snr_gamma, self.prediction_type)
 
 
+class FlowMatchingObjective:
+    """Rectified flow (Esser et al. 2024): x_sigma = (1 - sigma) x0 + sigma eps with sigma drawn per example from a
+    uniform, logit-normal or mode density, shifted as the scheduler shifts (SD3's static shift, or Flux's shift from
+    the image's token count), the model regressed onto the velocity eps - x0, optionally weighted by sigma.
+
+    `noised` returns timesteps = sigma * num_train_timesteps, what SD3Transformer2DModel takes.
+    FluxTransformer2DModel multiplies its timestep (and guidance) by 1000 inside, so FluxPipeline passes
+    timestep / 1000: a Flux family divides these timesteps by num_train_timesteps before calling its transformer.
+
+    Where diffusers' dreambooth SD3/Flux scripts differ: they snap sigma to the scheduler's 1000 training sigmas
+    through `timesteps[(u * T).long()]`, which also maps u to 1 - u (the grid runs from sigma = 1 down), so a
+    positive logit_mean there favours clean samples; here sigma is continuous and logit_mean > 0 favours noise, as in
+    the paper.
+    """
+
+    def __init__(
+        self,
+        noise_scheduler,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        loss_weighting: str = "none",
+        dynamic_shift: bool = False,
+        image_seq_len: int | None = None,
+        patch_size: int = 2,
+    ):
+        """`noise_scheduler` is a FlowMatchEulerDiscreteScheduler. Without `dynamic_shift`, sigma gets the shift the
+        scheduler gives its own training sigmas (config.shift, none when config.use_dynamic_shifting: diffusers' Flux
+        script trains unshifted). With it, Flux's shift from mu, from the latents' token count (`image_seq_len`, or
+        derived from each batch: packed [B, L, C] latents, or [B, C, H, W] in `patch_size` patches) and the scheduler's
+        base/max shift and base/max image_seq_len."""
+        if weighting_scheme not in diffusion.FLOW_WEIGHTING_SCHEMES:
+            raise ValueError(
+                f"unknown weighting_scheme {weighting_scheme!r}: use one of {diffusion.FLOW_WEIGHTING_SCHEMES}"
+            )
+        if loss_weighting not in diffusion.FLOW_LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {loss_weighting!r}: use one of {diffusion.FLOW_LOSS_WEIGHTINGS}")
+        self.noise_scheduler = noise_scheduler
+        self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, logit_mean, logit_std
+        self.mode_scale, self.loss_weighting = mode_scale, loss_weighting
+        self.dynamic_shift, self.image_seq_len, self.patch_size = dynamic_shift, image_seq_len, patch_size
+        self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def shifted(self, sigmas: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The sampled sigmas shifted for these latents, as the scheduler would shift them."""
+        config = self.noise_scheduler.config
+        if not self.dynamic_shift:
+            return sigmas if config.use_dynamic_shifting else diffusion.shift_sigmas(sigmas, config.shift)
+        seq_len = self.image_seq_len or diffusion.image_seq_len(clean, self.patch_size)
+        mu = diffusion.resolution_shift_mu(
+            seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+        )
+        return diffusion.time_shift_sigmas(sigmas, mu, config.time_shift_type)
+
+    def noised(self, clean: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_sigma, sigma * num_train_timesteps, eps) from each example's own seed: identical across resumes and
+        process counts. sigma is drawn before the noise, so an example's sigma does not depend on its latent shape
+        (a bucket's resolution, packed or not); only the shift does."""
+        generators = diffusion.example_generators(seeds)
+        sigmas = diffusion.seeded_flow_sigmas(
+            generators, self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale
+        )
+        sigmas = self.shifted(sigmas, clean).to(clean.device)
+        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:])).to(clean.device)
+        return diffusion.rectified_flow_interpolant(clean, noise, sigmas), sigmas * self.num_train_timesteps, noise
+
+    def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion.rectified_flow_velocity(clean, noise)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if self.loss_weighting == "none":
+            return None
+        return diffusion.flow_loss_weights(timesteps / self.num_train_timesteps, self.loss_weighting)
+
+
 def combined_weights(*weights: torch.Tensor | None) -> torch.Tensor | None:
     """The product of the per-example weights given (min-SNR, the prior-preservation weight a class image carries),
     None ones skipped; None when there are none."""
