@@ -97,8 +97,9 @@ def make_tiny_sd_pipeline(out_dir: str | Path, *, inpainting: bool = False, seed
     return out_dir
 
 
-def _tiny_vae():
-    """The tiny SD/SDXL AutoencoderKL: 2 levels (a 64 px image is a 32 px latent), 4 latent channels."""
+def _tiny_vae(latent_channels: int = 4, **config):
+    """The tiny AutoencoderKL: 2 levels (a 64 px image is a 32 px latent), 4 latent channels for SD/SDXL; `config`
+    adds the SD3/Flux settings (16 channels, scaling and shift factors, no quant convs)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -107,8 +108,9 @@ def _tiny_vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=TINY_SD_RESOLUTION,
+        **config,
     )
 
 
@@ -184,6 +186,181 @@ def make_tiny_sdxl_pipeline(out_dir: str | Path, *, inpainting: bool = False, se
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
         **extra,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+# T5 words: the prompts the tests use. Any other ASCII word is spelt from single characters; other characters (emoji,
+# accents) become <unk>, as in the real T5 vocabulary, whose SentencePiece model has no byte fallback.
+T5_WORDS = """
+a an the of in on with and by at to for from is photo picture image drawing painting rendering sketch style art
+sks toy cat dog digit handwritten red green blue yellow black white small large circle triangle shape background
+""".split()
+METASPACE = "\u2581"  # "▁", SentencePiece's word-start mark
+T5_MAX_LENGTH = 512  # what SD3/Flux pipelines allow as max_sequence_length
+TINY_T5_HIDDEN_SIZE = 96  # >= the two SD3 CLIP widths together (32 + 48): SD3 zero-pads the CLIP states to it
+TINY_FLOW_RESOLUTION = 32  # the VAE halves it: 16 px latents; Flux packs them into 8x8 = 64 tokens
+# The FLUX.1-dev scheduler config: shift is set but unused, use_dynamic_shifting shifts by the image's token count.
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def make_tiny_t5_tokenizer():
+    """A T5TokenizerFast built in code: a `tokenizers` Unigram model over T5_WORDS (as "▁word") and the printable
+    ASCII characters, a Metaspace pre-tokenizer, </s> appended; ids pad 0, eos 1, unk 2 as in T5."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    # Unigram scores are log-probabilities: a whole word (-1) beats spelling it from characters (-5 each).
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (METASPACE, -2.0)]
+    vocab += [(character, -5.0) for character in string.ascii_letters + string.digits + string.punctuation]
+    vocab += [(METASPACE + word, -1.0) for word in T5_WORDS]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    # extra_ids=0: no <extra_id_N> sentinels, which only T5's span-corruption pretraining uses
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=T5_MAX_LENGTH,
+    )
+
+
+def _tiny_t5_encoder(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=TINY_T5_HIDDEN_SIZE,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def make_tiny_sd3_pipeline(out_dir: str | Path, *, seed: int = 0, with_t5: bool = True) -> Path:
+    """Save a Stable Diffusion 3-shaped pipeline to ``out_dir``: 32 px images, 16 latent channels, ~0.9M parameters
+    (most in the VAE; the transformer has 84k).
+
+    SD3Transformer2DModel (patch 2, 2 layers); CLIP-L- and CLIP-G-like CLIPTextModelWithProjection of different widths
+    (32 and 48: their penultimate states are concatenated and zero-padded to T5's width, their pooled outputs
+    concatenated into pooled_projection_dim 80) and a T5EncoderModel; FlowMatchEulerDiscreteScheduler with shift 3.0;
+    a VAE with SD3's scaling and shift factors. ``with_t5=False`` saves the folder without text_encoder_3/tokenizer_3
+    (SD3 runs without T5, with zeros in its place); diffusers still requires
+    ``from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`` to load it."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tiny_clip_tokenizer()
+    t5_tokenizer = make_tiny_t5_tokenizer()
+    clip_widths = (TINY_TEXT_HIDDEN_SIZE, 48)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, clip_widths[0]))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, clip_widths[1]))
+        # built even when left out, so that the other components get the same weights with or without T5
+        text_encoder_3 = _tiny_t5_encoder(t5_tokenizer)
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_FLOW_RESOLUTION // 2,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=TINY_T5_HIDDEN_SIZE,
+            caption_projection_dim=4 * 8,  # the transformer's width, heads x head dim
+            pooled_projection_dim=sum(clip_widths),
+            pos_embed_max_size=32,  # in patches: images up to 128 px
+        )
+        # the SD3 VAE's factors (stabilityai/stable-diffusion-3-medium-diffusers); the pipeline's decode needs a shift
+        vae = _tiny_vae(
+            16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+        )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=load_tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3 if with_t5 else None,
+        tokenizer_3=t5_tokenizer if with_t5 else None,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_tiny_flux_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Save a Flux.1-dev-shaped pipeline to ``out_dir``: 32 px images, 16 latent channels, ~0.9M parameters (most in
+    the VAE; the transformer has 0.1M).
+
+    FluxTransformer2DModel with guidance_embeds (1 double-stream and 2 single-stream blocks, head dim 16 =
+    axes_dims_rope 4 + 6 + 6, 64 input channels = 16 latent channels packed 2x2); CLIPTextModel (its pooled output
+    only) and T5EncoderModel (the sequence); Flux's dynamically shifting scheduler; a VAE with Flux's scaling and shift
+    factors."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tiny_clip_tokenizer()
+    t5_tokenizer = make_tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+        text_encoder_2 = _tiny_t5_encoder(t5_tokenizer)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,  # the pipeline packs 2x2 latent patches itself
+            in_channels=4 * 16,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TINY_T5_HIDDEN_SIZE,
+            pooled_projection_dim=TINY_TEXT_HIDDEN_SIZE,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        # the FLUX.1 VAE's factors (black-forest-labs/FLUX.1-dev)
+        vae = _tiny_vae(
+            16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+        )
+    pipeline = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
