@@ -181,6 +181,16 @@ def rectified_flow_velocity(clean: torch.Tensor, noise: torch.Tensor) -> torch.T
     return noise - clean
 
 
+def check_flow_sampling(weighting_scheme: str, mode_scale: float) -> None:
+    """Refuse a sigma density that diffusers would silently replace or that leaves [0, 1]."""
+    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        # diffusers treats any unknown name as uniform: a typo would silently change the training distribution
+        raise ValueError(f"unknown weighting_scheme {weighting_scheme!r}: use one of {FLOW_WEIGHTING_SCHEMES}")
+    if weighting_scheme == "mode" and not -1 <= mode_scale <= 2 / (math.pi - 2):
+        # outside this range f_mode is not monotone and leaves [0, 1] (Esser et al. 2024, sec. 3.1)
+        raise ValueError(f"mode_scale must lie in [-1, 2 / (pi - 2) = 1.75], got {mode_scale}")
+
+
 def seeded_flow_sigmas(
     generators: list[torch.Generator],
     weighting_scheme: str = "logit_normal",
@@ -191,17 +201,12 @@ def seeded_flow_sigmas(
     """sigma in [0, 1] per generator, with the densities of diffusers' compute_density_for_timestep_sampling: uniform,
     logit-normal sigmoid(N(m, s)) (Esser et al. 2024, sec. 3.1, "Logit-Normal Sampling") or f_mode(u) = 1 - u - s
     (cos^2(pi u / 2) - 1 + u) (sec. 3.1, "Mode Sampling with Heavy Tails")."""
-    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
-        # diffusers treats any unknown name as uniform: a typo would silently change the training distribution
-        raise ValueError(f"unknown weighting_scheme {weighting_scheme!r}: use one of {FLOW_WEIGHTING_SCHEMES}")
+    check_flow_sampling(weighting_scheme, mode_scale)
     # One draw from each example's own generator, with the same torch calls diffusers makes for a whole batch from
     # the global RNG, so each example's sigma depends only on its seed (exact resume, N processes = 1).
     if weighting_scheme == "logit_normal":
         u = torch.cat([torch.normal(logit_mean, logit_std, size=(1,), generator=g) for g in generators])
         return torch.sigmoid(u)
-    if weighting_scheme == "mode" and not -1 <= mode_scale <= 2 / (math.pi - 2):
-        # outside this range f_mode is not monotone and leaves [0, 1] (Esser et al. 2024, sec. 3.1)
-        raise ValueError(f"mode_scale must lie in [-1, 2 / (pi - 2) = 1.75], got {mode_scale}")
     u = torch.cat([torch.rand((1,), generator=g) for g in generators])
     if weighting_scheme == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)

@@ -71,10 +71,7 @@ class FlowMatchingObjective:
         script trains unshifted). With it, Flux's shift from mu, from the latents' token count (`image_seq_len`, or
         derived from each batch: packed [B, L, C] latents, or [B, C, H, W] in `patch_size` patches) and the scheduler's
         base/max shift and base/max image_seq_len."""
-        if weighting_scheme not in diffusion.FLOW_WEIGHTING_SCHEMES:
-            raise ValueError(
-                f"unknown weighting_scheme {weighting_scheme!r}: use one of {diffusion.FLOW_WEIGHTING_SCHEMES}"
-            )
+        diffusion.check_flow_sampling(weighting_scheme, mode_scale)  # at construction, not at the first step
         if loss_weighting not in diffusion.FLOW_LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {loss_weighting!r}: use one of {diffusion.FLOW_LOSS_WEIGHTINGS}")
         self.noise_scheduler = noise_scheduler

@@ -181,6 +181,9 @@ def test_unknown_schemes_and_scales_are_refused():
         FlowMatchingObjective(scheduler, weighting_scheme="none")
     with pytest.raises(ValueError, match="loss weighting"):
         FlowMatchingObjective(scheduler, loss_weighting="sigma")
+    with pytest.raises(ValueError, match="mode_scale"):
+        FlowMatchingObjective(scheduler, weighting_scheme="mode", mode_scale=-1.5)
+    FlowMatchingObjective(scheduler, weighting_scheme="logit_normal", mode_scale=5.0)  # unused: not refused
 
 
 # ---------------------------------------------------------------------------------------------------------------------
