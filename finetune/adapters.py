@@ -24,7 +24,9 @@ class LoraOptions:
     alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.")
     dropout: float = option(0.0, "Dropout on the LoRA input.")
     target_modules: list[str] = option(
-        default_factory=lambda: list(UNET_ATTENTION), help="UNet modules that get LoRA (names or name suffixes)."
+        default_factory=lambda: list(UNET_ATTENTION),
+        help="Denoiser modules that get LoRA (names or name suffixes; the attention projections of the UNet or the "
+        "SD3/Flux transformer by default).",
     )
     train_text_encoder: bool = option(False, "Also train a LoRA on the text encoder's attention projections.")
     text_encoder_rank: int | None = option(None, "Rank of the text-encoder LoRA. None: the same rank.")
@@ -52,10 +54,15 @@ class LoraOptions:
         return self.alpha if self.alpha is not None else float(self.rank)
 
 
-def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, text_encoders: tuple[str, ...] = ()) -> None:
-    """Inject LoRA layers (peft) into the frozen UNet (`modules['unet']`) and, with train_text_encoder, into each
-    text encoder named in `text_encoders` (the family's: one for SD, two for SDXL); only they train."""
-    unet_config = LoraConfig(
+def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, family=None) -> None:
+    """Inject LoRA layers (peft) into the family's frozen denoiser (the UNet, or SD3's and Flux's transformer) and,
+    with train_text_encoder, into each text encoder whose LoRA the family's pipeline loads (one CLIP for SD and Flux,
+    two for SDXL and SD3); only they train. `family` None: Stable Diffusion 1.x/2.x."""
+    if family is None:
+        from finetune.families import get_family
+
+        family = get_family("sd")
+    denoiser_config = LoraConfig(
         r=options.rank,
         lora_alpha=options.lora_alpha,
         lora_dropout=options.dropout,
@@ -63,12 +70,14 @@ def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, text_enc
         target_modules=list(options.target_modules),
     )
     try:
-        modules["unet"].add_adapter(unet_config)
+        modules[family.denoiser].add_adapter(denoiser_config)
     except ValueError as err:
-        raise ConfigError(f"target_modules {options.target_modules} do not match UNet modules: {err}") from err
+        raise ConfigError(
+            f"target_modules {options.target_modules} do not match modules of the {family.denoiser}: {err}"
+        ) from err
     if options.train_text_encoder:
         rank = options.text_encoder_rank or options.rank
-        for name in text_encoders:
+        for name in family.trainable_text_encoder_names():
             modules[name].add_adapter(
                 LoraConfig(
                     r=rank,

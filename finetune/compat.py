@@ -58,3 +58,13 @@ def require_text_encoder_lora(what: str) -> None:
     problem = text_encoder_lora_problem()
     if problem:
         raise InputError(f"{what}: {problem}")
+
+
+def require_bitsandbytes_4bit() -> None:
+    """model.quantize=nf4 needs bitsandbytes (installed by `make install`); one line when it is missing."""
+    try:
+        metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError as err:
+        raise InputError(
+            "model.quantize=nf4 needs bitsandbytes: `make install`, or `pip install bitsandbytes`"
+        ) from err

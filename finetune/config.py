@@ -44,12 +44,23 @@ class ModelConfig:
     family: str = option(
         "auto",
         "Model family of the base model: 'auto' (read from its model_index.json), or the one a recipe is written for "
-        "('sd' for SD 1.x/2.x, 'sdxl'); a base model of another family is then refused with the recipe to use.",
+        "('sd' for SD 1.x/2.x, 'sdxl', 'sd3', 'flux'); a base model of another family is then refused with the "
+        "recipe to use.",
     )
     vae: str | None = option(
         None,
         "A VAE folder or Hub id that replaces the base model's, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE "
         "overflows in fp16: without a fixed VAE it runs in fp32 when mixed precision is fp16).",
+    )
+    drop_text_encoders: list[str] = option(
+        default_factory=list,
+        help="Text encoders to leave out where the family's pipeline allows it, e.g. [text_encoder_3] (SD3's T5, "
+        "~4.7B parameters): its conditioning is then zeros, in training and in the saved pipeline.",
+    )
+    quantize: Literal["none", "nf4"] = option(
+        "none",
+        "Load the frozen denoiser in 4-bit NF4 (bitsandbytes; QLoRA, Dettmers et al. 2023) and train LoRA on top: "
+        "FLUX.1-dev's 12B transformer in ~7 GB. LoRA methods only.",
     )
 
 
@@ -146,8 +157,27 @@ class DiffusionConfig:
     noise_offset: float = option(0.0, "Noise offset (per-channel constant added to the noise); 0.05-0.1 is usual.")
     sampler: Literal["ddim", "ddpm"] = option("ddim", "Scheduler used for sample grids and saved pipelines.")
     num_inference_steps: int = option(50, "Sampling steps for sample grids and validation.")
+    # flow-matching families (SD3, Flux): how sigma is drawn and the loss weighted, as diffusers' scripts name them
+    weighting_scheme: Literal["logit_normal", "uniform", "mode"] = option(
+        "logit_normal",
+        "Flow matching (SD3, Flux): density of the training sigmas (Esser et al. 2024, section 3.1): logit-normal, "
+        "uniform, or mode (heavy tails).",
+    )
+    logit_mean: float = option(0.0, "Flow matching: mean of the logit-normal density.")
+    logit_std: float = option(1.0, "Flow matching: standard deviation of the logit-normal density.")
+    mode_scale: float = option(1.29, "Flow matching: scale of the mode density.")
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
+        "none", "Flow matching: per-example loss weighting (diffusers' compute_loss_weighting_for_sd3)."
+    )
+    guidance_scale: float = option(
+        3.5,
+        "Guidance-distilled transformers (FLUX.1-dev): the guidance value the transformer is given in training, as "
+        "diffusers' train_dreambooth_lora_flux.py (--guidance_scale).",
+    )
 
     def __post_init__(self):
+        if self.logit_std <= 0:
+            raise ConfigError(f"diffusion.logit_std must be positive, got {self.logit_std}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"diffusion.snr_gamma must be positive or null, got {self.snr_gamma}")
         if self.noise_offset < 0:

@@ -202,14 +202,20 @@ class TextToImageMethod(Method):
 
     # -- components --------------------------------------------------------------------------------------------------
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The family's denoiser (the UNet of SD 1.x/2.x and SDXL, the transformer of SD3 and Flux)."""
+        return getattr(self, self.family.denoiser)
+
+    @property
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The family's text encoders by component name (text_encoder, and text_encoder_2 for SDXL)."""
-        return {name: getattr(self, name) for name in self.family.text_encoders}
+        """The family's text encoders this run loaded, by component name (text_encoder, text_encoder_2, ...)."""
+        return {name: getattr(self, name) for name in self.family.text_encoders if getattr(self, name) is not None}
 
     def parts(self, unwrap: bool = False) -> dict[str, Any]:
-        """Every component by name, as the family takes them (unwrapped from DDP for pipelines and saving)."""
-        names = [*self.family.tokenizers, *self.family.text_encoders, "vae", "unet"]
-        modules = {name: getattr(self, name) for name in names}
+        """Every component by name, as the family takes them (unwrapped from DDP for pipelines and saving); a text
+        encoder left out (or freed after caching) is None."""
+        names = [*self.family.tokenizers, *self.family.text_encoders, "vae", self.family.denoiser]
+        modules = {name: getattr(self, name, None) for name in names}
         if unwrap:
             modules = {n: self.unwrap(m) if isinstance(m, torch.nn.Module) else m for n, m in modules.items()}
         return modules
@@ -223,12 +229,15 @@ class TextToImageMethod(Method):
         # the family (model_index.json), then the data: a wrong recipe, a wrong column or an empty folder fails
         # before the models load (the model path itself was checked before the job started)
         self.family = self.resolve_family()
+        self.check_family()
         source = self.build_source()
         self.inpainting = self.family.is_inpainting(self.base_pipeline_class())
         self.prepare_masks(source)  # user masks are checked before the models load
         for name, part in self.load_components().items():
             setattr(self, name, part)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
+        # DDPM families predict epsilon, v or x0; flow matching always the velocity
+        self.prediction_type = getattr(self.noise_scheduler.config, "prediction_type", None) or "flow"
+        self.denoiser_inputs = self.family.denoiser_inputs(self.config)
         self.objective = self.family.objective(self.noise_scheduler, self.prediction_type, self.config.diffusion)
         self.check_models()
         self.prepare_masks(source)  # (an inpainting UNet in a folder whose model_index.json does not say so)
@@ -237,7 +246,7 @@ class TextToImageMethod(Method):
         vae_dtype = self.family.vae_dtype(self.config, self.weight_dtype)
         if self.vae.dtype != vae_dtype:  # (diffusers warns about every dtype cast, even a no-op one)
             self.vae.to(dtype=vae_dtype)
-        denoiser_and_text = [self.unet, *self.text_encoders.values()]
+        denoiser_and_text = [self.denoiser, *self.text_encoders.values()]
         for module in denoiser_and_text:
             module.requires_grad_(False)
             module.eval()
@@ -247,11 +256,13 @@ class TextToImageMethod(Method):
             logger.info("%d parameters never reach the denoiser and stay frozen, e.g. %s", len(unused), unused[0])
         for module in denoiser_and_text:
             # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first
+            # (4-bit weights stay as bitsandbytes packed them)
             module.to(self.device)
             for parameter in module.parameters():
-                parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else self.weight_dtype)
+                if parameter.dtype.is_floating_point:
+                    parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else self.weight_dtype)
         if self.config.train.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             for module in self.text_encoders.values():
                 if any(p.requires_grad for p in module.parameters()):
                     module.gradient_checkpointing_enable()
@@ -266,6 +277,29 @@ class TextToImageMethod(Method):
 
     def resolve_family(self) -> Family:
         return resolve_family(self.config)
+
+    def check_family(self) -> None:
+        """What this run asks of the family, checked before anything loads: one line naming the option and what
+        the family supports."""
+        family, model, section = self.family, self.config.model, self.config.method
+        dropped = sorted(set(model.drop_text_encoders) - set(family.optional_text_encoders))
+        if dropped:
+            allowed = ", ".join(family.optional_text_encoders) or "none"
+            raise ConfigError(
+                f"model.drop_text_encoders: a {family.name} model cannot leave out {', '.join(dropped)} (it may "
+                f"leave out: {allowed})"
+            )
+        if getattr(self.options, "export_kohya", False) and family.kohya_prefixes is None:
+            raise ConfigError(
+                f"{section}.export_kohya: there is no standard kohya key layout for {family.name} LoRAs; the "
+                "diffusers file pytorch_lora_weights.safetensors loads in ComfyUI and Forge as it is. Remove "
+                "export_kohya."
+            )
+        if model.quantize != "none" and not getattr(self.options, "use_lora", True):
+            raise ConfigError(
+                f"model.quantize={model.quantize} freezes the {family.denoiser} in 4 bits: train LoRA on top "
+                f"({section}.use_lora=true), or set model.quantize=none for a full fine-tune"
+            )
 
     def base_pipeline_class(self) -> str | None:
         model = self.config.model
@@ -295,10 +329,11 @@ class TextToImageMethod(Method):
 
     def check_models(self) -> None:
         """The denoiser takes the VAE's latents (text-to-image) or twice them plus a mask (inpainting)."""
-        latent, channels = self.vae.config.latent_channels, self.unet.config.in_channels
-        if channels == 2 * latent + 1:
+        latent, channels = self.vae.config.latent_channels, self.denoiser.config.in_channels
+        inpainting_channels = self.family.denoiser_input_channels(latent, inpainting=True)
+        if channels == inpainting_channels and self.family.inpainting_pipeline:
             self.inpainting = True
-        elif channels == latent:
+        elif channels == self.family.denoiser_input_channels(latent, inpainting=False):
             if self.inpainting:
                 raise ConfigError(
                     f"{self.config.model.pretrained_model_name_or_path!r} is an inpainting pipeline, but its UNet "
@@ -306,10 +341,11 @@ class TextToImageMethod(Method):
                     "mask, masked-image latents)"
                 )
         else:
+            expected = self.family.denoiser_input_channels(latent, inpainting=False)
             raise ConfigError(
-                f"the UNet of {self.config.model.pretrained_model_name_or_path!r} takes {channels} input channels; "
-                f"the VAE's latents have {latent} (a text-to-image model takes {latent}, an inpainting model "
-                f"{2 * latent + 1})"
+                f"the {self.family.denoiser} of {self.config.model.pretrained_model_name_or_path!r} takes {channels} "
+                f"input channels; the VAE's latents have {latent} (a {self.family.name} text-to-image model takes "
+                f"{expected})"
             )
 
     def make_example(self, example: dict, rng: np.random.Generator) -> dict:
@@ -326,7 +362,7 @@ class TextToImageMethod(Method):
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         modules = {}
-        for name, module in {"unet": self.unet, **self.text_encoders}.items():
+        for name, module in {self.family.denoiser: self.denoiser, **self.text_encoders}.items():
             if any(p.requires_grad for p in self.unwrap(module).parameters()):
                 modules[name] = module
         return modules
@@ -363,6 +399,35 @@ class TextToImageMethod(Method):
         source = self.train_dataset.source
         if not self.needs_pixels_with_cache and hasattr(source, "decode_pixels"):
             source.decode_pixels = False  # the latents come from the cache: stop decoding and resizing every step
+        if cache.text:
+            self.free_text_encoders()
+
+    @torch.no_grad()
+    def free_text_encoders(self) -> None:
+        """With every caption's conditioning cached (frozen text encoders), the encoders are no longer needed: the
+        validation prompts are encoded once more, then the encoders are dropped (T5-XXL alone is ~9 GB in bf16).
+        Samples use the cached conditioning; a saved full pipeline reloads them from the base model."""
+        for text in [*self.validation_prompts(), ""]:
+            if text not in self.cache.text:
+                self.cache.text[text] = {key: value[0].cpu() for key, value in self.encode_text([text]).items()}
+        freed = 0
+        for name, module in self.text_encoders.items():
+            freed += sum(p.numel() * p.element_size() for p in module.parameters())
+            setattr(self, name, None)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info(
+            "text conditioning cached: freed the text encoders (%s, %.2f GB)",
+            ", ".join(self.family.text_encoders),
+            freed / 1e9,
+        )
+
+    @property
+    def text_encoders_freed(self) -> bool:
+        return self.cache is not None and bool(self.cache.text) and not self.text_encoders
 
     def cache_fingerprint(self) -> str:
         data = self.config.data
@@ -500,7 +565,8 @@ class TextToImageMethod(Method):
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         conditioning = self.text_conditioning(batch)
-        return self.family.denoise(self.unet, self.model_input(noisy, batch), timesteps, conditioning, batch)
+        conditioning = {**conditioning, **self.denoiser_inputs}
+        return self.family.denoise(self.denoiser, self.model_input(noisy, batch), timesteps, conditioning, batch)
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def pipeline_class(self):
@@ -508,10 +574,8 @@ class TextToImageMethod(Method):
         return self.family.pipeline_class(self.inpainting)
 
     def pipeline(self):
-        """Validation (and class-image) pipeline from the modules being trained, DDIM sampling."""
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        """Validation (and class-image) pipeline from the modules being trained, with the family's sampler."""
+        scheduler = self.family.sampling_scheduler(self.noise_scheduler)
         return self.family.pipeline(self.parts(unwrap=True), scheduler, inpainting=self.inpainting)
 
     def validation_prompts(self) -> list[str]:
@@ -538,13 +602,17 @@ class TextToImageMethod(Method):
     def sample(self, num_images: int, seed: int) -> list:
         prompts = self.validation_prompts()
         parts = self.parts(unwrap=True)
-        with eval_mode(parts["unet"], *(parts[name] for name in self.family.text_encoders)):
+        with eval_mode(parts[self.family.denoiser], *self.text_encoders.values()):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(self.device).manual_seed(seed)
+            texts = [prompts[i % len(prompts)] for i in range(num_images)]
+            prompt = {"prompt": texts}
+            if self.text_encoders_freed:  # the pipeline takes the cached conditioning (and the empty prompt's)
+                prompt = self.cached_prompt_embeddings(texts)
             with self.accelerator.autocast():
                 return pipe(
-                    [prompts[i % len(prompts)] for i in range(num_images)],
+                    **prompt,
                     num_inference_steps=self.config.diffusion.num_inference_steps,
                     guidance_scale=self.options.validation_guidance_scale,
                     generator=generator,
@@ -552,6 +620,16 @@ class TextToImageMethod(Method):
                     width=self.config.data.resolution,
                     **self.validation_inputs(num_images),
                 ).images
+
+    def cached_prompt_embeddings(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Pipeline arguments from cached conditioning: prompt_embeds (pooled_prompt_embeds ...) of the texts and
+        negative_* of the empty prompt, the names every family's pipeline takes."""
+        rows, empty = [self.cache.text[t] for t in texts], self.cache.text[""]
+        dtype = self.weight_dtype
+        kwargs = {key: torch.stack([row[key] for row in rows]).to(self.device, dtype) for key in rows[0]}
+        for key, value in empty.items():
+            kwargs[f"negative_{key}"] = value[None].expand(len(texts), *value.shape).to(self.device, dtype)
+        return kwargs
 
     def usage_loading(self, base: str, output: str = "OUTPUT_DIR_OR_REPO_ID") -> str:
         """The model card's lines that build the pipeline: `from diffusers import ...` and `pipe = ...`."""

@@ -36,7 +36,7 @@ def make_lora(folder, base, seed: int, alpha: float = 4.0, text_encoder: bool = 
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder") if text_encoder else None
     modules = {"unet": unet, "text_encoder": encoder}
-    add_lora(modules, LoraOptions(rank=4, alpha=alpha, train_text_encoder=text_encoder), ("text_encoder",))
+    add_lora(modules, LoraOptions(rank=4, alpha=alpha, train_text_encoder=text_encoder))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in (unet, encoder) if text_encoder else (unet,):

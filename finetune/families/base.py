@@ -54,12 +54,38 @@ class Family:
     inpainting_pipeline: ClassVar[str | None] = None
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    # kohya / WebUI key prefix of each LoRA'd component (lora_unet_..., lora_te_...)
-    kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
-    # textual inversion file: text encoder -> key of its embedding (None: one encoder, `{token: tensor}` as diffusers'
+    # text encoders a run may leave out (model.drop_text_encoders), as the family's pipeline allows: SD3's T5
+    optional_text_encoders: ClassVar[tuple[str, ...]] = ()
+    # text encoders that train with train_text_encoder (a LoRA the family's pipeline loads, or all weights in a full
+    # fine-tune): None, all of them; SD3 and Flux train their CLIP encoders, not T5
+    trainable_text_encoders: ClassVar[tuple[str, ...] | None] = None
+    # the denoiser's component name and diffusers class
+    denoiser: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
+    # the scheduler class that noises training examples (from the folder's scheduler config)
+    training_scheduler: ClassVar[str] = "DDPMScheduler"
+    # DDPM (noise, v or x0 targets) or rectified flow (velocity targets; FlowMatchEulerDiscreteScheduler)
+    flow_matching: ClassVar[bool] = False
+    # latent sides must be a multiple of this many pixels (the VAE's 8x; Flux packs 2x2 latents: 16)
+    latent_multiple: ClassVar[int] = 8
+    # kohya / WebUI key prefix of each LoRA'd component (lora_unet_..., lora_te_...); None: no standard layout
+    kohya_prefixes: ClassVar[dict[str, str] | None] = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    # textual inversion: whether the family's pipeline loads embeddings (`load_textual_inversion`), and the file's
+    # layout: text encoder -> key of its embedding (None: one encoder, `{token: tensor}` as diffusers'
     # textual_inversion.py writes it)
+    textual_inversion: ClassVar[bool] = True
     embedding_keys: ClassVar[dict[str, str] | None] = None
     default_model: ClassVar[str]
+
+    def trainable_text_encoder_names(self) -> tuple[str, ...]:
+        return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders
+
+    def loaded_text_encoders(self, config: Config) -> tuple[str, ...]:
+        """The text encoders this run loads (all but those model.drop_text_encoders leaves out)."""
+        return tuple(name for name in self.text_encoders if name not in config.model.drop_text_encoders)
+
+    def tokenizer_of(self, text_encoder: str) -> str:
+        return self.tokenizers[self.text_encoders.index(text_encoder)]
 
     # -- loading -----------------------------------------------------------------------------------------------------
     # transformers class of each tokenizer and text encoder (the VAE, UNet and scheduler are diffusers' everywhere)
@@ -75,11 +101,16 @@ class Family:
         # a missing folder or subfolder, corrupt weights, offline without the files: one line before any load
         path, subfolders = model.pretrained_model_name_or_path, self.subfolders(config)
         check_model_path(path, MODEL_KEY, "pipeline", pickle_hint, model.revision, subfolders)
-        names = [*self.text_encoders, *self.tokenizers, "vae", "unet", "noise_scheduler"]
+        encoders = self.loaded_text_encoders(config)
+        names = [*encoders, *map(self.tokenizer_of, encoders), "vae", self.denoiser, "noise_scheduler"]
         parts = {name: self.load_component(config, name) for name in names}
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        for encoder in encoders:
+            tokenizer = self.tokenizer_of(encoder)
             if parts[tokenizer].model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
-                parts[tokenizer].model_max_length = parts[encoder].config.max_position_embeddings
+                limit = getattr(parts[encoder].config, "max_position_embeddings", None)
+                parts[tokenizer].model_max_length = limit or getattr(self, "max_sequence_length", 512)
+        for encoder in set(self.text_encoders) - set(encoders):  # left out: the pipeline takes None
+            parts[encoder] = parts[self.tokenizer_of(encoder)] = None
         return parts
 
     def load_component(self, config: Config, name: str) -> Any:
@@ -94,13 +125,17 @@ class Family:
         path, subfolder = model.pretrained_model_name_or_path, "scheduler" if name == "noise_scheduler" else name
         weights = dict(revision=model.revision, variant=model.variant)
         weights["use_safetensors"] = None if model.allow_pickle else True
-        if name == "noise_scheduler":  # the folder's betas and prediction type, for training
-            load = lambda: diffusers.DDPMScheduler.from_pretrained(path, subfolder=subfolder, revision=model.revision)  # noqa: E731
+        if name == "noise_scheduler":  # the folder's schedule (betas and prediction type, or the flow shift)
+            cls = getattr(diffusers, self.training_scheduler)
+            load = lambda: cls.from_pretrained(path, subfolder=subfolder, revision=model.revision)  # noqa: E731
         elif name == "vae" and model.vae:  # a replacement VAE folder or Hub id (e.g. SDXL's fp16 fix)
             path, subfolder = model.vae, None
             load = lambda: diffusers.AutoencoderKL.from_pretrained(path, **weights)  # noqa: E731
-        elif name in ("vae", "unet"):
-            cls = diffusers.AutoencoderKL if name == "vae" else diffusers.UNet2DConditionModel
+        elif name == "vae":
+            load = lambda: diffusers.AutoencoderKL.from_pretrained(path, subfolder=subfolder, **weights)  # noqa: E731
+        elif name == self.denoiser:
+            cls = getattr(diffusers, self.denoiser_class)
+            weights.update(self.quantization(config))
             load = lambda: cls.from_pretrained(path, subfolder=subfolder, **weights)  # noqa: E731
         elif name in self.tokenizers:
             cls = getattr(transformers, self.text_classes[name])
@@ -114,8 +149,31 @@ class Family:
             pickle_hint = "" if model.allow_pickle else "set model.allow_pickle=true if you trust their source"
             raise ConfigError(describe_load_error(err, str(path), MODEL_KEY, subfolder or name, pickle_hint)) from err
         if name == "noise_scheduler" and config.diffusion.prediction_type is not None:
+            if "prediction_type" not in part.config:
+                raise ConfigError(
+                    f"diffusion.prediction_type: the {self.name} family trains with flow matching (the velocity is "
+                    "the target); remove diffusion.prediction_type"
+                )
             part.register_to_config(prediction_type=config.diffusion.prediction_type)
         return part
+
+    def quantization(self, config: Config) -> dict[str, Any]:
+        """from_pretrained arguments that load the frozen denoiser quantized (model.quantize: nf4 through
+        bitsandbytes, QLoRA, Dettmers et al. 2023); empty when it loads as stored."""
+        if config.model.quantize == "none":
+            return {}
+        from finetune.compat import require_bitsandbytes_4bit
+
+        require_bitsandbytes_4bit()
+        from diffusers import BitsAndBytesConfig
+
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision, torch.float32)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        return {"quantization_config": quantization, "torch_dtype": compute}
+
+    def denoiser_input_channels(self, latent_channels: int, inpainting: bool) -> int:
+        """Channels the denoiser takes: the latents, or for an inpainting UNet twice them plus the mask."""
+        return 2 * latent_channels + 1 if inpainting else latent_channels
 
     def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the frozen VAE runs in (the mixed-precision one unless the family's VAE cannot take it)."""
@@ -138,16 +196,39 @@ class Family:
 
     # -- the objective and the denoiser ------------------------------------------------------------------------------
     def objective(self, noise_scheduler, prediction_type: str, diffusion_config):
-        """How examples are noised and what the denoiser is regressed onto: DDPM for the UNet families."""
-        from finetune.objectives import DDPMObjective
+        """How examples are noised and what the denoiser is regressed onto: DDPM for the UNet families, rectified
+        flow for the transformer families (their scheduler is a FlowMatchEulerDiscreteScheduler)."""
+        from finetune.objectives import DDPMObjective, FlowMatchingObjective
 
+        if self.flow_matching:
+            return FlowMatchingObjective(
+                noise_scheduler,
+                diffusion_config.weighting_scheme,
+                diffusion_config.logit_mean,
+                diffusion_config.logit_std,
+                diffusion_config.mode_scale,
+                diffusion_config.flow_loss_weighting,
+                dynamic_shift=bool(noise_scheduler.config.get("use_dynamic_shifting", False)),
+            )
         return DDPMObjective(
             noise_scheduler, prediction_type, diffusion_config.snr_gamma, diffusion_config.noise_offset
         )
 
+    def sampling_scheduler(self, noise_scheduler):
+        """The scheduler of validation samples: DDIM on the training schedule for the DDPM families, the flow
+        families' own Euler scheduler."""
+        import diffusers
+
+        sampler = diffusers.FlowMatchEulerDiscreteScheduler if self.flow_matching else diffusers.DDIMScheduler
+        return sampler.from_config(noise_scheduler.config)
+
+    def denoiser_inputs(self, config: Config) -> dict[str, Any]:
+        """Constant inputs of the denoiser call in training, besides the text (Flux-dev's guidance scale)."""
+        return {}
+
     def denoise(
         self,
-        unet: torch.nn.Module,
+        denoiser: torch.nn.Module,
         model_input: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
@@ -193,4 +274,6 @@ class Family:
 
     def subfolders(self, config: Config) -> tuple[str, ...]:
         """The component subfolders of a pipeline folder this family loads (the VAE's unless model.vae replaces it)."""
-        return (*self.tokenizers, *self.text_encoders, "unet", "scheduler", *(() if config.model.vae else ("vae",)))
+        encoders = self.loaded_text_encoders(config)
+        tokenizers = tuple(map(self.tokenizer_of, encoders))
+        return (*tokenizers, *encoders, self.denoiser, "scheduler", *(() if config.model.vae else ("vae",)))

@@ -363,14 +363,14 @@ class DreamBooth(TextToImageMethod):
 
     def configure_trainable(self) -> None:
         if self.options.use_lora:
-            add_lora(self.parts(), self.options, self.family.text_encoders)
+            add_lora(self.parts(), self.options, self.family)
             return
-        self.unet.requires_grad_(True)
-        self.unet.train()
+        self.denoiser.requires_grad_(True)
+        self.denoiser.train()
         if self.options.train_text_encoder:
-            for text_encoder in self.text_encoders.values():
-                text_encoder.requires_grad_(True)
-                text_encoder.train()
+            for name in self.family.trainable_text_encoder_names():
+                getattr(self, name).requires_grad_(True)
+                getattr(self, name).train()
 
     # -- class images ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -397,7 +397,7 @@ class DreamBooth(TextToImageMethod):
             resolution = self.config.data.resolution
             steps = self.options.class_inference_steps or self.config.diffusion.num_inference_steps
             parts = self.parts(unwrap=True)
-            with eval_mode(parts["unet"], *(parts[name] for name in self.family.text_encoders)):
+            with eval_mode(parts[self.family.denoiser], *self.text_encoders.values()):
                 pipe = self.pipeline()
                 pipe.set_progress_bar_config(disable=True)
                 batch_size = self.options.sample_batch_size
@@ -446,10 +446,12 @@ class DreamBooth(TextToImageMethod):
     # -- outputs -----------------------------------------------------------------------------------------------------
     def base_component(self, name: str) -> torch.nn.Module:
         """A frozen component as the base model has it: reloaded when it was cast to a lower precision here."""
-        module = self.unwrap(getattr(self, name))
-        if all(p.dtype == torch.float32 for p in module.parameters()):
-            return module
-        return self.family.load_component(self.config, name)
+        module = getattr(self, name)
+        if module is not None and all(p.dtype == torch.float32 for p in self.unwrap(module).parameters()):
+            return self.unwrap(module)
+        if module is None and name in self.config.model.drop_text_encoders:  # left out of the pipeline too
+            return None
+        return self.family.load_component(self.config, name)  # (also a text encoder freed after caching)
 
     def base_scheduler(self):
         """The base model's own sampling scheduler (what users of the saved pipeline expect), with this run's
@@ -463,8 +465,10 @@ class DreamBooth(TextToImageMethod):
             )
             scheduler_class = getattr(diffusers, config.get("_class_name", ""), diffusers.DDIMScheduler)
         except (OSError, ValueError):
-            config, scheduler_class = self.noise_scheduler.config, diffusers.DDIMScheduler
-        return scheduler_class.from_config({**config, "prediction_type": self.prediction_type})
+            return self.family.sampling_scheduler(self.noise_scheduler)
+        if "prediction_type" in config:  # (flow-matching schedulers have none: they predict the velocity)
+            config = {**config, "prediction_type": self.prediction_type}
+        return scheduler_class.from_config(config)
 
     def save(self, output_dir: Path) -> None:
         if self.options.use_lora:
@@ -476,7 +480,7 @@ class DreamBooth(TextToImageMethod):
         # the complete pipeline of the family: trained parts as trained (fp32), frozen ones as the base has them
         parts = self.parts(unwrap=True)
         for name in ("vae", *self.family.text_encoders):
-            if not any(p.requires_grad for p in parts[name].parameters()):
+            if parts[name] is None or not any(p.requires_grad for p in parts[name].parameters()):
                 parts[name] = self.base_component(name)
         pipe = self.family.pipeline(parts, self.base_scheduler(), inpainting=self.inpainting)
         pipe.save_pretrained(output_dir, safe_serialization=True)

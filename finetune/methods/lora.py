@@ -40,7 +40,8 @@ pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetens
 
 def lora_modules(method) -> dict:
     """The denoiser and the text encoders, unwrapped: what carries the LoRA layers when saving."""
-    return {"unet": method.unwrap(method.unet), **{n: method.unwrap(m) for n, m in method.text_encoders.items()}}
+    denoiser = {method.family.denoiser: method.unwrap(method.denoiser)}
+    return {**denoiser, **{name: method.unwrap(m) for name, m in method.text_encoders.items()}}
 
 
 class LoraTextToImage(TextToImageMethod):
@@ -49,7 +50,7 @@ class LoraTextToImage(TextToImageMethod):
     Options = LoraTrainingOptions
 
     def configure_trainable(self) -> None:
-        add_lora(self.parts(), self.options, self.family.text_encoders)
+        add_lora(self.parts(), self.options, self.family)
 
     def default_prompt(self) -> str:
         captions = self.all_captions()

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from finetune.config import Config, ConfigError, option
 from finetune.data import build_image_source
+from finetune.families import family_names, get_family
 from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,16 @@ class TextualInversion(TextToImageMethod):
             logger.warning(
                 "no textual_inversion.validation_prompts mention %s: the samples will not show the learned concept",
                 options.placeholder_token,
+            )
+
+    def check_family(self) -> None:
+        super().check_family()
+        if not self.family.textual_inversion:
+            supported = ", ".join(n for n in family_names() if get_family(n).textual_inversion)
+            raise ConfigError(
+                f"textual_inversion: {self.family.text_to_image_pipeline} does not load textual-inversion embeddings "
+                f"(the {self.family.name} family); train a LoRA instead (method lora), or use a base model of a "
+                f"family that does: {supported}"
             )
 
     # -- data --------------------------------------------------------------------------------------------------------
