@@ -60,11 +60,20 @@ def require_text_encoder_lora(what: str) -> None:
         raise InputError(f"{what}: {problem}")
 
 
-def require_bitsandbytes_4bit() -> None:
-    """model.quantize=nf4 needs bitsandbytes (installed by `make install`); one line when it is missing."""
+def require_bitsandbytes_4bit(quantize: str = "nf4") -> None:
+    """model.quantize=nf4 needs bitsandbytes (installed by `make install`) and a CUDA GPU: diffusers' bitsandbytes
+    quantizer refuses anything else ("No GPU found. A GPU is needed for quantization.", measured with diffusers 0.42.1
+    and bitsandbytes 0.50.2, whose own 4-bit layers do run on CPU). One line before anything loads."""
     try:
         metadata.version("bitsandbytes")
     except metadata.PackageNotFoundError as err:
         raise InputError(
-            "model.quantize=nf4 needs bitsandbytes: `make install`, or `pip install bitsandbytes`"
+            f"model.quantize={quantize} needs bitsandbytes: `make install`, or `pip install bitsandbytes`"
         ) from err
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"model.quantize={quantize}: diffusers quantizes with bitsandbytes on a CUDA GPU only, and this machine "
+            "has none. Train on a GPU, or set model.quantize=none."
+        )

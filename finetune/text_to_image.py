@@ -237,7 +237,7 @@ class TextToImageMethod(Method):
             setattr(self, name, part)
         # DDPM families predict epsilon, v or x0; flow matching always the velocity
         self.prediction_type = getattr(self.noise_scheduler.config, "prediction_type", None) or "flow"
-        self.denoiser_inputs = self.family.denoiser_inputs(self.config)
+        self.denoiser_inputs = self.family.denoiser_inputs(self.config, self.parts())
         self.objective = self.family.objective(self.noise_scheduler, self.prediction_type, self.config.diffusion)
         self.check_models()
         self.prepare_masks(source)  # (an inpainting UNet in a folder whose model_index.json does not say so)
@@ -295,6 +295,10 @@ class TextToImageMethod(Method):
                 "diffusers file pytorch_lora_weights.safetensors loads in ComfyUI and Forge as it is. Remove "
                 "export_kohya."
             )
+        if model.quantize != "none":
+            from finetune.compat import require_bitsandbytes_4bit
+
+            require_bitsandbytes_4bit(model.quantize)
         if model.quantize != "none" and not getattr(self.options, "use_lora", True):
             raise ConfigError(
                 f"model.quantize={model.quantize} freezes the {family.denoiser} in 4 bits: train LoRA on top "

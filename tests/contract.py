@@ -24,8 +24,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from finetune.families import get_family
 from tests.helpers import assert_same_tensors, reset_accelerate, run_training, safetensors_in, sd_image
-from tests.tiny_models import make_test_images, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+from tests.tiny_models import (
+    make_test_images,
+    make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
+    make_tiny_sd_pipeline,
+    make_tiny_sdxl_pipeline,
+)
 
 TRIGGER_PROMPT = "a photo of sks toy"
 TOKEN = "<toy-cat>"
@@ -34,12 +41,16 @@ BUILDERS = {
     "sdxl": make_tiny_sdxl_pipeline,
     "sd-inpainting": lambda folder: make_tiny_sd_pipeline(folder, inpainting=True),
     "sdxl-inpainting": lambda folder: make_tiny_sdxl_pipeline(folder, inpainting=True),
+    "sd3": make_tiny_sd3_pipeline,
+    "flux": make_tiny_flux_pipeline,
 }
 PIPELINES = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd-inpainting": "StableDiffusionInpaintPipeline",
     "sdxl-inpainting": "StableDiffusionXLInpaintPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 
@@ -62,10 +73,16 @@ class Row:
         """An inpainting checkpoint (any method trains one; its images come from an image and a mask)."""
         return self.family.endswith("-inpainting")
 
+    @property
+    def model_family(self):
+        return get_family(self.family.removesuffix("-inpainting"))
+
 
 def rows_of(family: str) -> list[Row]:
+    """Every method the family supports (the family says which: textual inversion, kohya export, inpainting)."""
+    capabilities = get_family(family)
     # alpha 8 != rank 4: the kohya export must carry the trained strength
-    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "export_kohya": True}
+    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "export_kohya": capabilities.kohya_prefixes is not None}
     dreambooth = {"instance_prompt": TRIGGER_PROMPT}
     prior = {"with_prior_preservation": True, "class_prompt": "a photo of toy", "num_class_images": 2}
     prior.update(class_inference_steps=2, sample_batch_size=2)
@@ -74,10 +91,12 @@ def rows_of(family: str) -> list[Row]:
         Row("lora", family, "lora", lora),
         Row("dreambooth", family, "dreambooth", {**dreambooth, "train_text_encoder": True}, output="pipeline"),
         Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, "use_lora": True, "rank": 4}),
-        Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"),
     ]
-    # inpainting is a variant of every method: DreamBooth-LoRA on the family's inpainting checkpoint
-    rows.append(Row("inpainting-lora", f"{family}-inpainting", "dreambooth", {**dreambooth, "use_lora": True}))
+    if capabilities.textual_inversion:
+        rows.append(Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"))
+    if capabilities.inpainting_pipeline:
+        # inpainting is a variant of every method: DreamBooth-LoRA on the family's inpainting checkpoint
+        rows.append(Row("inpainting-lora", f"{family}-inpainting", "dreambooth", {**dreambooth, "use_lora": True}))
     return rows
 
 
@@ -207,11 +226,13 @@ def check_only_intended_parameters_changed(row: Row, bases: dict[str, Path], out
         assert trained and all("lora_" in key for key in trained), "only LoRA layers train"
         text_keys = [k for k in load_file(str(out / "pytorch_lora_weights.safetensors")) if k.startswith("text_enc")]
         assert bool(text_keys) == bool(row.options.get("train_text_encoder")), text_keys[:3]
-        if row.options.get("train_text_encoder") and row.family == "sdxl":
-            assert any(k.startswith("text_encoder_2.") for k in text_keys), "SDXL: both text encoders get a LoRA"
+        if row.options.get("train_text_encoder"):  # each CLIP encoder the family's pipeline loads a LoRA into
+            trained_encoders = {k.split(".")[0] for k in text_keys}
+            assert trained_encoders == set(row.model_family.trainable_text_encoder_names()), trained_encoders
     elif row.output == "pipeline":
-        # the trained UNet (and text encoders) differ from the base; the VAE is the base's, bit for bit
-        for component, should_change in (("unet", True), ("vae", False), ("text_encoder", True)):
+        # the trained denoiser (and text encoders) differ from the base; the VAE is the base's, bit for bit
+        denoiser = row.model_family.denoiser
+        for component, should_change in ((denoiser, True), ("vae", False), ("text_encoder", True)):
             ours = safetensors_in(out / component)
             theirs = safetensors_in(base / component)
             assert ours.keys() == theirs.keys() and all(v.dtype == torch.float32 for v in ours.values())

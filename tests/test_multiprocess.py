@@ -24,7 +24,13 @@ from tests.helpers import (
     two_cpu_processes_launch,
     wait_for,
 )
-from tests.tiny_models import make_test_images, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+from tests.tiny_models import (
+    make_test_images,
+    make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
+    make_tiny_sd_pipeline,
+    make_tiny_sdxl_pipeline,
+)
 
 pytestmark = pytest.mark.multiprocess
 ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
@@ -67,12 +73,21 @@ def test_two_processes_equal_one_process_with_twice_the_batch_ddpm(tmp_path):
     assert len((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()) == 6
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+LORA_FAMILIES = {
+    "sd": (make_tiny_sd_pipeline, {}),
+    # both text encoders' LoRA train (wrapped by DDP each) and the latents come from the cache
+    "sdxl": (make_tiny_sdxl_pipeline, {"train_text_encoder": True, "cache": "memory", "text_encoder_lr": 5e-4}),
+    # flow matching; the text conditioning is cached and the text encoders freed on every process
+    "sd3": (make_tiny_sd3_pipeline, {"cache": "memory"}),
+    # flow matching with the resolution shift and the guidance input; the CLIP LoRA trains under DDP
+    "flux": (make_tiny_flux_pipeline, {"train_text_encoder": True}),
+}
+
+
+@pytest.mark.parametrize("family", list(LORA_FAMILIES))
 def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path, family):
-    # SDXL: both text encoders' LoRA train (wrapped by DDP each) and the latents come from the cache
-    builder = make_tiny_sd_pipeline if family == "sd" else make_tiny_sdxl_pipeline
+    builder, options = LORA_FAMILIES[family]
     base = builder(tmp_path / "base")
-    options = {} if family == "sd" else {"train_text_encoder": True, "cache": "memory", "text_encoder_lr": 5e-4}
     data = tmp_path / "data"
     for i, image in enumerate(make_test_images(data, 4, size=64)):
         image.with_suffix(".txt").write_text(f"a toy picture {i}")

@@ -164,7 +164,7 @@ class Family:
             return {}
         from finetune.compat import require_bitsandbytes_4bit
 
-        require_bitsandbytes_4bit()
+        require_bitsandbytes_4bit(config.model.quantize)
         from diffusers import BitsAndBytesConfig
 
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision, torch.float32)
@@ -222,8 +222,9 @@ class Family:
         sampler = diffusers.FlowMatchEulerDiscreteScheduler if self.flow_matching else diffusers.DDIMScheduler
         return sampler.from_config(noise_scheduler.config)
 
-    def denoiser_inputs(self, config: Config) -> dict[str, Any]:
-        """Constant inputs of the denoiser call in training, besides the text (Flux-dev's guidance scale)."""
+    def denoiser_inputs(self, config: Config, parts: dict[str, Any]) -> dict[str, Any]:
+        """Constant inputs of the denoiser call in training, besides the text (Flux-dev's guidance scale), from the
+        config and the loaded (unwrapped) components."""
         return {}
 
     def denoise(

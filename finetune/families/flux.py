@@ -52,6 +52,7 @@ class Flux(Family):
     }
     kohya_prefixes = None  # no diffusers -> kohya converter for Flux: ComfyUI and Forge read the diffusers file
     embedding_keys = None
+    textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "black-forest-labs/FLUX.1-dev"
     flow_matching = True
     latent_multiple = 16  # the 8x VAE, then 2x2 packing
@@ -60,7 +61,10 @@ class Flux(Family):
     def denoiser_input_channels(self, latent_channels: int, inpainting: bool) -> int:
         return 4 * latent_channels  # 2x2 packed patches
 
-    def denoiser_inputs(self, config) -> dict[str, Any]:
+    def denoiser_inputs(self, config, parts: dict[str, Any]) -> dict[str, Any]:
+        # guidance-distilled checkpoints (FLUX.1-dev) take the guidance scale as an input; FLUX.1-schnell does not
+        if not parts[self.denoiser].config.guidance_embeds:
+            return {}
         return {"guidance_scale": config.diffusion.guidance_scale}
 
     def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -77,7 +81,7 @@ class Flux(Family):
         prompt_embeds = conditioning["prompt_embeds"]
         dtype, device = prompt_embeds.dtype, model_input.device
         guidance = None
-        if transformer.config.guidance_embeds:  # guidance-distilled: the guidance scale is an input
+        if "guidance_scale" in conditioning:  # (denoiser_inputs: a guidance-distilled transformer)
             guidance = torch.full((model_input.shape[0],), conditioning["guidance_scale"], device=device)
         prediction = transformer(
             hidden_states=pack_latents(model_input),

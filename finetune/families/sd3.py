@@ -33,6 +33,7 @@ class StableDiffusion3(Family):
     }
     kohya_prefixes = None  # no standard kohya layout for SD3 LoRAs: ComfyUI reads the diffusers file
     embedding_keys = None
+    textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "stabilityai/stable-diffusion-3.5-medium"
     flow_matching = True
     max_sequence_length = 256  # T5 tokens, as StableDiffusion3Pipeline's default
@@ -53,7 +54,8 @@ class StableDiffusion3(Family):
         """T5's last hidden states; zeros of the transformer's joint-attention width when T5 is left out."""
         encoder = parts.get("text_encoder_3")
         if encoder is None:
-            width = parts[self.denoiser].config.joint_attention_dim
+            transformer = parts[self.denoiser]
+            width = getattr(transformer, "module", transformer).config.joint_attention_dim  # (DDP wraps it)
             return torch.zeros(len(texts), self.max_sequence_length, width, device=device, dtype=dtype)
         tokenizer = parts["tokenizer_3"]
         ids = tokenizer(
