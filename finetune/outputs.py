@@ -170,6 +170,8 @@ def write_model_card(
     ]
     if facts.get("trigger"):
         lines.append(f"- **Trigger / placeholder:** `{facts['trigger']}`")
+    if facts.get("license_note"):
+        lines.append(f"- **Licence:** {facts['license_note']}")
     lines += ["", "## Usage", "", "```python", facts.get("usage", "").strip(), "```", ""]
     lines += ["## Training hyperparameters", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]

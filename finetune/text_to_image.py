@@ -650,6 +650,12 @@ mask = load_image("mask.png")  # white = repaint, black = keep
 result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, guidance_scale=7.5).images[0]
 # keep the unmasked pixels exactly: result = pipe.image_processor.apply_overlay(mask, image, result)"""
 
+    def license_facts(self) -> dict[str, str]:
+        """The model card's licence: the base model's, as far as the family knows it."""
+        base = self.config.model.pretrained_model_name_or_path
+        note = f"Inherits the licence of the base model `{base}`. {self.family.license_note}".strip()
+        return {"license": self.family.license, "license_note": note}
+
     def card_tags(self) -> list[str]:
         """The task tags of the model card: the pipeline's task and the family."""
         return ["inpainting" if self.inpainting else "text-to-image", self.family.name]

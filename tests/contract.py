@@ -175,6 +175,7 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
     card = (out / "README.md").read_text()
     assert PIPELINES[row.family] in card, "the card shows how to load it with the family's pipeline"
     facts = {"lora": ["load_lora_weights"], "pipeline": [".from_pretrained"], "embeddings": [TOKEN]}[row.output]
+    facts += ["**Licence:** Inherits the licence of the base model", row.model_family.license_note]
     if row.method == "dreambooth":
         facts += ["`sks`", "learning rate"]
         facts += ["prior preservation"] if "with_prior_preservation" in row.options else []

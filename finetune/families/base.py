@@ -76,6 +76,10 @@ class Family:
     textual_inversion: ClassVar[bool] = True
     embedding_keys: ClassVar[dict[str, str] | None] = None
     default_model: ClassVar[str]
+    # the model card's licence: Hub metadata id ("other" when the family's checkpoints differ) and a note on the
+    # licences of its usual base models, which weights trained from them inherit
+    license: ClassVar[str] = "other"
+    license_note: ClassVar[str] = ""
 
     def trainable_text_encoder_names(self) -> tuple[str, ...]:
         return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders

@@ -54,6 +54,10 @@ class Flux(Family):
     embedding_keys = None
     textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "black-forest-labs/FLUX.1-dev"
+    license_note = (
+        "FLUX.1 [dev] is under the FLUX.1 [dev] Non-Commercial License (FLUX.1 [schnell] under Apache 2.0); weights "
+        "trained from it inherit its terms."
+    )
     flow_matching = True
     latent_multiple = 16  # the 8x VAE, then 2x2 packing
     max_sequence_length = 512  # T5 tokens, as FluxPipeline's default

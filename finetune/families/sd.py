@@ -21,6 +21,11 @@ class StableDiffusion(Family):
     text_to_image_pipeline = "StableDiffusionPipeline"
     inpainting_pipeline = "StableDiffusionInpaintPipeline"
     default_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    license = "creativeml-openrail-m"
+    license_note = (
+        "Stable Diffusion 1.x is under the CreativeML OpenRAIL-M licence, 2.x under OpenRAIL++-M: their use "
+        "restrictions apply to these weights too."
+    )
 
     def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.tokenize(parts["tokenizer"], texts).to(device)

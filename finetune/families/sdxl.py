@@ -41,6 +41,10 @@ class StableDiffusionXL(Family):
         "text_encoder_2": "CLIPTextModelWithProjection",
     }
     default_model = "stabilityai/stable-diffusion-xl-base-1.0"
+    license = "openrail++"
+    license_note = (
+        "SDXL 1.0 is under the CreativeML OpenRAIL++-M licence: its use restrictions apply to these weights too."
+    )
 
     def vae_dtype(self, config: Config, weight_dtype: torch.dtype) -> torch.dtype:
         # SDXL's own VAE overflows to NaN in fp16; a VAE fixed for it (model.vae=madebyollin/sdxl-vae-fp16-fix) runs

@@ -495,7 +495,7 @@ class DreamBooth(TextToImageMethod):
                 'pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors'
             )
         else:
-            facts = {"base_model": base, "tags": self.card_tags()}
+            facts = {**self.license_facts(), "base_model": base, "tags": self.card_tags()}
             load = f"{self.usage_loading('OUTPUT_DIR_OR_REPO_ID')}  # the complete fine-tuned pipeline"
         prior = (
             f" with prior preservation ({len(self.train_dataset.source.classes)} class images of "

@@ -27,6 +27,7 @@ def lora_card(method, trigger: str | None = None) -> dict[str, Any]:
     base = method.config.model.pretrained_model_name_or_path
     prompt = trigger or method.validation_prompts()[0]
     return {
+        **method.license_facts(),
         "base_model": base,
         "tags": ["lora", *method.card_tags()],
         "trigger": trigger,

@@ -313,6 +313,7 @@ class TextualInversion(TextToImageMethod):
         else:
             load = f'pipe.load_textual_inversion("OUTPUT_DIR_OR_REPO_ID")  # {EMBEDDINGS_FILE}: adds {token}'
         return {
+            **self.license_facts(),
             "base_model": base,
             "tags": ["textual-inversion", *self.card_tags()],
             "trigger": token,
