@@ -484,7 +484,6 @@ def describe_load_error(err: BaseException, path: str, key: str, what: str, pick
 def model_paths(config: Config) -> list[tuple[str, str, str, tuple[str, ...]]]:
     """(key, path, expected layout, required subfolders) of every model a run loads."""
     from finetune.methods import get_method_class
-    from finetune.text_to_image import TextToImageMethod, local_family
 
     expect = {
         "autoencoder": "vae",
@@ -493,8 +492,7 @@ def model_paths(config: Config) -> list[tuple[str, str, str, tuple[str, ...]]]:
         "latent_diffusion": "any",
     }.get(config.method, "pipeline")
     method_cls = get_method_class(config.method)
-    text_to_image = expect == "pipeline" and issubclass(method_cls, TextToImageMethod)
-    components = local_family(config).subfolders(config) if text_to_image else ()
+    components = method_cls.model_subfolders(config) if expect == "pipeline" else ()
     paths = [("model.pretrained_model_name_or_path", config.model.pretrained_model_name_or_path, expect, components)]
     options = config.method_options
     for field, layout in (("vae", "vae"), ("tokenizer", "tokenizer"), ("text_encoder", "model")):

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from finetune import atomic, diffusion
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
-from finetune.families import family_of_pipeline, get_family, supported
-from finetune.families.base import MODEL_KEY, Family, pipeline_class_name
+from finetune.families import local_family, pipeline_class_name, resolve_family
+from finetune.families.base import Family
 from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks
 from finetune.methods.base import Method, eval_mode
 from finetune.objectives import batch_weights, combined_weights, weighted_mse
@@ -57,41 +57,6 @@ class TextToImageOptions(InpaintingMaskOptions):
         InpaintingMaskOptions.__post_init__(self)
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-
-
-def resolve_family(config: Config) -> Family:
-    """The family of the base model: read from its model_index.json, checked against `model.family` when a recipe
-    names one (an SD 1.5 folder given to an SDXL recipe, or the other way round, is one clear line)."""
-    model = config.model
-    found = pipeline_class_name(str(model.pretrained_model_name_or_path), model.revision)
-    where = f"{MODEL_KEY} {str(model.pretrained_model_name_or_path)!r}"
-    detected = family_of_pipeline(found, where) if found else None
-    if model.family == "auto":
-        if detected is None:  # model_index.json unreadable here: the loaders say why; SD 1.x has the fewest parts
-            return get_family("sd")
-        return detected
-    declared = get_family(model.family)
-    if detected is not None and detected.name != declared.name:
-        raise ConfigError(
-            f"{where} is a {found} (family {detected.name!r}), but model.family is {declared.name!r}: use a "
-            f"{detected.name} recipe (finetune/recipes/{detected.name}_*.yaml) or set model.family={detected.name} "
-            f"(supported families: {supported()})"
-        )
-    return declared
-
-
-def local_family(config: Config) -> Family:
-    """The family as far as it is known without a download: a local folder's model_index.json, else the one the
-    recipe names, else SD 1.x (what preflight needs to list the subfolders a folder must have)."""
-    model = config.model
-    local = Path(str(model.pretrained_model_name_or_path or "")).expanduser()
-    found = pipeline_class_name(str(local)) if local.is_dir() else None
-    if found:
-        try:
-            return family_of_pipeline(found, MODEL_KEY)
-        except ConfigError:
-            pass  # resolve_family says so, with the supported families
-    return get_family("sd" if model.family == "auto" else model.family)
 
 
 class LatentCache:
@@ -274,6 +239,10 @@ class TextToImageMethod(Method):
             min_length=self.config.train.train_batch_size * self.accelerator.num_processes,
         )
         self.cache: LatentCache | None = None
+
+    @classmethod
+    def model_subfolders(cls, config: Config) -> tuple[str, ...]:
+        return local_family(config).subfolders(config)
 
     def resolve_family(self) -> Family:
         return resolve_family(self.config)

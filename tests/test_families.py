@@ -10,16 +10,28 @@ import pytest
 import torch
 
 from finetune.errors import InputError
-from finetune.families import family_names, get_family
+from finetune.families import family_names, get_family, resolve_family
 from finetune.recipe import load_config
-from finetune.text_to_image import resolve_family
-from tests.tiny_models import make_tiny_ddpm_pipeline, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+from tests.tiny_models import (
+    make_tiny_ddpm_pipeline,
+    make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
+    make_tiny_sd_pipeline,
+    make_tiny_sdxl_pipeline,
+)
+
+BUILDERS = {
+    "sd": make_tiny_sd_pipeline,
+    "sdxl": make_tiny_sdxl_pipeline,
+    "sd3": make_tiny_sd3_pipeline,
+    "flux": make_tiny_flux_pipeline,
+}
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {"sd": make_tiny_sd_pipeline(root / "sd"), "sdxl": make_tiny_sdxl_pipeline(root / "sdxl")}
+    return {name: build(root / name) for name, build in BUILDERS.items()}
 
 
 def lora_config(base, **model):
@@ -27,13 +39,14 @@ def lora_config(base, **model):
 
 
 def test_the_registry_holds_one_file_per_family():
-    assert family_names() == ["sd", "sdxl"]
+    assert sorted(family_names()) == ["flux", "sd", "sd3", "sdxl"]
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_text_conditioning_is_the_pipelines_own(bases, name):
     """The conditioning a family computes for training is what its pipeline computes at inference (SDXL: both
-    encoders' penultimate states concatenated, the second one's pooled projection)."""
+    encoders' penultimate states concatenated, the second one's pooled projection; SD3: both CLIPs' states padded to
+    T5's width before T5's sequence, both pooled projections; Flux: T5's sequence and CLIP's pooled output)."""
     import diffusers
 
     family = get_family(name)
@@ -41,11 +54,18 @@ def test_text_conditioning_is_the_pipelines_own(bases, name):
     parts = {n: getattr(pipe, n) for n in (*family.tokenizers, *family.text_encoders)}
     prompts = ["a photo of a toy", "two dots"]
     ours = family.encode_prompt(parts, prompts, torch.device("cpu"))
-    theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-    torch.testing.assert_close(ours["prompt_embeds"], theirs[0], rtol=0, atol=0)
-    if name == "sdxl":
-        torch.testing.assert_close(ours["pooled_prompt_embeds"], theirs[2], rtol=0, atol=0)
-        assert ours["prompt_embeds"].shape[-1] == pipe.unet.config.cross_attention_dim
+    if name == "flux":
+        prompt_embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device="cpu", num_images_per_prompt=1)
+        theirs = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    elif name == "sd3":
+        embeds = pipe.encode_prompt(prompts, prompts, prompts, device="cpu", do_classifier_free_guidance=False)
+        theirs = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": embeds[2]}
+    else:
+        embeds = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        theirs = {"prompt_embeds": embeds[0], **({"pooled_prompt_embeds": embeds[2]} if name == "sdxl" else {})}
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
 
 
 def test_sdxl_time_ids_come_from_each_examples_own_size_and_crop(bases):
@@ -161,3 +181,38 @@ def test_sdxl_text_encoder_parameters_that_never_reach_the_unet_stay_frozen(base
     output.backward()
     trainable = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for _, p in trainable), "every parameter left to train is used"
+
+
+def test_flux_packs_latents_and_calls_its_transformer_as_the_pipeline_does(bases):
+    """The 2x2 packing, the position ids and the transformer call (sigma, not sigma x 1000; the guidance input) are
+    FluxPipeline's own: the prediction unpacks to what the pipeline's transformer call returns."""
+    from diffusers import FluxPipeline
+
+    from finetune.families.flux import latent_image_ids, pack_latents, unpack_latents
+
+    pipe = FluxPipeline.from_pretrained(bases["flux"])
+    latents = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(0))
+    packed = FluxPipeline._pack_latents(latents, 2, 16, 8, 6)
+    torch.testing.assert_close(pack_latents(latents), packed, rtol=0, atol=0)
+    torch.testing.assert_close(unpack_latents(packed, 8, 6), latents, rtol=0, atol=0)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32)
+    torch.testing.assert_close(latent_image_ids(8, 6, "cpu", torch.float32), ids, rtol=0, atol=0)
+
+    family = get_family("flux")
+    conditioning = family.encode_prompt(pipe.components, ["a toy", "two dots"], torch.device("cpu"))
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ours = family.denoise(
+            pipe.transformer, latents, sigmas * 1000, {**conditioning, "guidance_scale": 3.5}, batch={}
+        )
+        theirs = pipe.transformer(
+            hidden_states=packed,
+            timestep=sigmas,
+            guidance=torch.full((2,), 3.5),
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            txt_ids=torch.zeros(conditioning["prompt_embeds"].shape[1], 3),
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(ours, FluxPipeline._unpack_latents(theirs, 64, 48, 8), rtol=0, atol=0)

@@ -9,7 +9,6 @@ mapping `parts` (component name -> module) when it encodes text, calls the denoi
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,28 +20,6 @@ from finetune.config import Config, ConfigError
 logger = logging.getLogger(__name__)
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
-
-
-def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
-    """model_index.json's `_class_name` of a local folder or a Hub id (from the Hub cache when offline); None when
-    the file cannot be read, which the component loaders then report with their own clear message."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        index = local / "model_index.json"
-        if not index.is_file():
-            return None
-        try:
-            return json.loads(index.read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text()).get(
-            "_class_name"
-        )
-    except Exception:  # noqa: BLE001 - offline, no such repo: the loaders say which, with the fix
-        return None
 
 
 class Family:

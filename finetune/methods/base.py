@@ -44,6 +44,11 @@ class Method:
     Options: ClassVar[type] = NoOptions
 
     @classmethod
+    def model_subfolders(cls, config: Config) -> tuple[str, ...]:
+        """The subfolders a base pipeline folder must have for this method (checked before anything loads)."""
+        return ()
+
+    @classmethod
     def check_config(cls, config: Config) -> None:
         """Reject option combinations this method cannot run, before anything loads. Raise ConfigError."""
 
