@@ -1,7 +1,8 @@
 """A local web app for any model difftune trains: text-to-image Stable Diffusion 1.x/2.x and SDXL (with LoRAs and
-Textual Inversion embeddings, SDXL's in either layout), class-conditional and unconditional DDPMs, distilled
-students. Generate with prompt / class, steps, guidance, seed, scheduler and LoRA scale; scrub through the denoising
-steps of a generation; noise an uploaded image and let the model reconstruct it (SDEdit).
+Textual Inversion embeddings, SDXL's in either layout), Stable Diffusion 3 and Flux (with LoRAs), class-conditional
+and unconditional DDPMs, distilled students. Generate with prompt / class, steps, guidance, seed, scheduler and
+LoRA scale; scrub through the denoising steps of a generation; noise an uploaded image and let the model reconstruct
+it (SDEdit).
 
     python -m pipelines.app                                      # the demo model (`make demo`)
     python -m pipelines.app --model outputs/digits-class-conditional

@@ -76,7 +76,7 @@ class Callbacks:
                     seed=first_seed,
                     num_images=count,
                     prompt=prompt_ or "",
-                    negative_prompt=negative_ or "",
+                    negative_prompt=(negative_ or "") if m.negative_prompt else "",  # a hidden box keeps its text
                     class_label=int(class_ or 0),
                     guidance=float(guidance_) if m.guided else None,
                     model_id=m.model_id,
@@ -154,7 +154,7 @@ class Callbacks:
                     steps=steps_,
                     seed=_seed(seed_),
                     prompt=prompt_ or "",
-                    negative_prompt=negative_ or "",
+                    negative_prompt=(negative_ or "") if m.negative_prompt else "",  # a hidden box keeps its text
                     class_label=int(class_ or 0),
                     guidance=float(guidance_) if m.guided else None,
                 )

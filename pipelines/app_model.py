@@ -3,7 +3,10 @@ embeddings into a `ServedModel` (kind, defaults from the model card, scheduler c
 shares between its pages, and the scheduler / LoRA-scale settings applied before each run. No gradio here.
 
 Any pipeline `pipelines.load.load_pipeline` loads is served the same way: Stable Diffusion 1.x/2.x and SDXL folders
-(with their LoRAs, and embeddings in either layout), class-conditional and unconditional DDPMs, distilled students.
+(with their LoRAs, and embeddings in either layout), Stable Diffusion 3 and Flux folders (with their LoRAs),
+class-conditional and unconditional DDPMs, distilled students. SD3 and Flux are offered only the flow-matching
+sampler and start from their pipeline's guidance (Flux.1-dev's is an input of the model, not classifier-free); Flux
+takes no negative prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.generate import parse_lora  # 'PATH' or 'PATH:SCALE', as the generate command takes it
-from pipelines.steps import fresh_scheduler, model_image_size, pipeline_kind
+from pipelines.steps import (
+    fresh_scheduler,
+    guidance_is_an_input,
+    model_image_size,
+    pipeline_kind,
+    uses_negative_prompt,
+)
 
 logger = logging.getLogger("pipelines.app")
 
@@ -78,6 +87,8 @@ class ServedModel:
     default_guidance: float | None = None
     num_classes: int = 0
     guided: bool = False  # whether guidance applies (text, or class with a "no class" label)
+    guidance_input: bool = False  # guidance is an input of the model (Flux.1-dev), not classifier-free guidance
+    negative_prompt: bool = False  # whether a negative prompt is used (text; not by Flux)
     base_scheduler: Any = None
     scheduler_choices: list[str] = field(default_factory=list)
 
@@ -97,6 +108,12 @@ class ServedModel:
         if self.kind == "class":
             guidance = "" if self.guided else ", no guidance (no null class)"
             parts.append(f"classes 0-{self.num_classes - 1}{guidance}")
+        if self.kind == "text" and self.guidance_input:
+            parts.append("guidance is an input of the model (guidance-distilled), not classifier-free")
+        elif self.kind == "text" and not self.guided:
+            parts.append("no guidance (this model does not take it)")
+        if self.kind == "text" and not self.negative_prompt:
+            parts.append(f"no negative prompt ({type(self.pipe).__name__} uses one only with true CFG)")
         if self.loras:
             parts.append("LoRA " + ", ".join(f"`{path}` x{scale:g}" for path, scale in self.loras))
         if self.tokens:
@@ -129,17 +146,36 @@ def embedding_tokens(pipe) -> list[str]:
     return [t for t in pipe.tokenizer.get_added_vocab() if t not in special and not re.search(r"_\d+$", t)]
 
 
+def _pipeline_guidance(pipe) -> float | None:
+    """The guidance_scale the pipeline uses when none is given (SD3: 7.0, Flux: 3.5)."""
+    import inspect
+
+    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) else None
+
+
 def _set_defaults(served: ServedModel) -> None:
     """Steps and guidance from the model card when it names them, else the kind's usual ones; scheduler choices,
-    classes and whether guidance applies, from the kind."""
-    from pipelines.load import PIXEL_SCHEDULERS, SCHEDULERS
+    classes and whether guidance applies, from the kind. Flow-matching models (SD3, Flux) start from their pipeline's
+    own guidance and are offered only the samplers that fit them; Flux.1-schnell (no guidance input) none."""
+    from pipelines.load import FLOW_SCHEDULERS, PIXEL_SCHEDULERS, SCHEDULERS, is_flow_matching
 
     kind, pipe = served.kind, served.pipe
     card_steps = _card_value(served.path, "num_inference_steps")
     served.default_steps = int(card_steps) if card_steps else (30 if kind == "text" else 50)
     card_guidance = _card_value(served.path, "guidance_scale")
-    if kind == "text":
+    if kind == "text" and is_flow_matching(pipe.scheduler):
+        served.guidance_input = guidance_is_an_input(pipe)
+        served.negative_prompt = uses_negative_prompt(pipe)
+        # guidance is classifier-free (SD3, with the negative prompt), an input of the model (FLUX.1-dev) or neither
+        # (FLUX.1-schnell: Flux's classifier-free guidance is "true CFG", which difftune does not run)
+        served.guided = served.guidance_input or served.negative_prompt
+        served.default_guidance = (card_guidance or _pipeline_guidance(pipe) or 7.0) if served.guided else None
+        served.scheduler_choices = ["default", *FLOW_SCHEDULERS]
+    elif kind == "text":
         served.guided = True
+        served.negative_prompt = uses_negative_prompt(pipe)
         served.default_guidance = card_guidance or 7.5
         served.scheduler_choices = ["default", *SCHEDULERS]
     else:

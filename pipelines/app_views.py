@@ -22,6 +22,7 @@ DISPLAY_SIZE = 256  # small model outputs (16 px digits) are enlarged (nearest n
 MAX_STEPS = 1000
 MAX_IMAGES = 8
 VIEW_CHOICES = [("noisy sample x_t", "sample"), ("predicted clean image x0", "x0")]
+GUIDANCE_LABELS = {False: "Guidance scale", True: "Guidance (an input of the guidance-distilled model, not CFG)"}
 
 
 def import_gradio():
@@ -71,12 +72,14 @@ def control_values(m: ServedModel | None) -> dict[str, Any]:
     classes = [(str(i), i) for i in range(m.num_classes)] if m and kind == "class" else []
     return {
         "text": kind == "text",
+        "negative": bool(kind == "text" and m.negative_prompt),
         "class": kind == "class",
         "classes": classes,
         "class_value": classes[0][1] if classes else None,
         "steps": m.default_steps if m else 50,
         "guided": bool(m and m.guided),
         "guidance": (m.default_guidance or 1.0) if m else 1.0,
+        "guidance_label": GUIDANCE_LABELS[bool(m and m.guidance_input)],
         "schedulers": m.scheduler_choices if m else ["default"],
         "loras": bool(m and m.loras),
         "images": 1 if kind == "text" else 4,
@@ -88,10 +91,10 @@ def control_updates(gr, m: ServedModel | None) -> list:
     v = control_values(m)
     return [
         gr.update(visible=v["text"]),  # prompt
-        gr.update(visible=v["text"]),  # negative prompt
+        gr.update(visible=v["negative"]),  # negative prompt (not for Flux, which ignores it)
         gr.update(visible=v["class"], choices=v["classes"], value=v["class_value"]),
         gr.update(value=v["steps"]),
-        gr.update(visible=v["guided"], value=v["guidance"]),
+        gr.update(visible=v["guided"], value=v["guidance"], label=v["guidance_label"]),
         gr.update(choices=v["schedulers"], value="default"),
         gr.update(visible=v["loras"], value=1.0),
         gr.update(value=v["images"]),
@@ -207,7 +210,7 @@ def model_panel(gr, holder: ModelHolder, model: str | None, lora: Sequence[str],
 def settings_column(gr, served: ServedModel | None) -> Settings:
     v = control_values(served)
     prompt = gr.Textbox(label="Prompt", lines=2, visible=v["text"], elem_id="prompt")
-    negative = gr.Textbox(label="Negative prompt", visible=v["text"], elem_id="negative-prompt")
+    negative = gr.Textbox(label="Negative prompt", visible=v["negative"], elem_id="negative-prompt")
     class_label = gr.Dropdown(
         label="Class",
         choices=v["classes"],
@@ -221,7 +224,7 @@ def settings_column(gr, served: ServedModel | None) -> Settings:
         20.0,
         value=v["guidance"],
         step=0.1,
-        label="Guidance scale",
+        label=v["guidance_label"],
         visible=v["guided"],
         elem_id="guidance",
     )

@@ -3,12 +3,16 @@
     python -m pipelines.generate stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a <cat-toy> on a bench" \\
         --embeddings outputs/sd-textual-inversion-cat-toy --lora outputs/sd-lora-naruto:0.7 --scheduler dpm++ \\
         --steps 30 --num-images 4 --seed 0 --out samples/
+    python -m pipelines.generate outputs/sd3-base --lora outputs/sd3-lora:0.8 --prompt "a toy" --guidance 5 --out o/
+    python -m pipelines.generate black-forest-labs/FLUX.1-dev --lora outputs/flux-lora --prompt "a toy" --out o/
     python -m pipelines.generate INPAINTING_MODEL --prompt "a red door" --image house.png --mask door-mask.png --out o/
     python -m pipelines.generate outputs/digits-class-conditional --class-labels 3 7 --num-images 8 --out digits/
     python -m pipelines.generate outputs/digits-unconditional --num-images 16 --out digits/
 
 Image i of a run uses seed + i, so any single image can be made again. Each PNG carries its settings as a
-`parameters` text chunk (JSON).
+`parameters` text chunk (JSON). Stable Diffusion 3 and Flux take LoRAs (no embeddings) and `--scheduler euler` (their
+flow-matching sampler) only; `--guidance` is classifier-free for SD3 and an input of the model for FLUX.1-dev, which
+takes no negative prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from finetune.imaging import load_image, pipeline_kind
 from pipelines.load import SCHEDULERS, load_pipeline
+from pipelines.steps import uses_negative_prompt
 
 NUMBERED_PNG = re.compile(r"^(\d+)\.png$")
 
@@ -99,6 +104,11 @@ def generate(
         raise ValueError(f"--image/--mask need an inpainting pipeline; {type(pipe).__name__} is not one")
     if negative_prompt and kind not in ("text", "inpaint"):
         raise ValueError("--negative-prompt needs a text-conditioned pipeline")
+    if negative_prompt and not uses_negative_prompt(pipe):
+        raise ValueError(
+            f"{type(pipe).__name__} does not use a negative prompt (only with true CFG, which this command does not "
+            "run): leave out --negative-prompt"
+        )
     if guidance is not None and kind == "unconditional":
         raise ValueError(f"{type(pipe).__name__} has no guidance; leave out --guidance")
 
@@ -177,9 +187,9 @@ def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.generate",
-        description="Generate images with a diffusers pipeline (Stable Diffusion, inpainting, DDPM, class-conditional)"
-        " plus LoRAs, Textual Inversion embeddings or a trained UNet. Writes numbered PNGs and a grid to --out, "
-        "never overwriting existing files.",
+        description="Generate images with a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, "
+        "inpainting, DDPM, class-conditional) plus LoRAs, Textual Inversion embeddings or a trained UNet. Writes "
+        "numbered PNGs and a grid to --out, never overwriting existing files.",
     )
     parser.add_argument("base", help="pipeline folder or Hub id (model_index.json decides the pipeline type)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -190,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="inference steps (default: 50)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the pipeline's own")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="default: the pipeline's own (SD3 and Flux: euler, their flow-matching sampler, only)",
+    )
     parser.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA folder, file or Hub id (repeat)"
     )

@@ -8,6 +8,11 @@ Weights load from safetensors only and no remote code ever runs: the pipeline cl
 must be a diffusers class or one of difftune's own (`pipelines.class_conditional.ClassConditionalDDPMPipeline`).
 A LoRA is checked against the pipeline's modules before it is loaded; one made for another base model fails with
 the keys that do not fit (diffusers would skip unknown module names silently).
+
+Stable Diffusion 3 and Flux folders load the same way, with their LoRAs; an SD3 folder saved without T5 loads
+without it. Their samplers are flow-matching ones: `euler` is FlowMatchEulerDiscreteScheduler for them, and the
+schedulers of the variance-preserving models (DDIM, DPM++, ...) are refused. Neither takes Textual Inversion
+embeddings.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+# flow-matching pipelines (SD3, Flux): their sampler must be a FlowMatch* scheduler (Flux sets its timesteps with
+# sigmas and a shift `mu`); `euler` is the one that fits
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
 # pixel-space pipelines (DDPMPipeline, ClassConditionalDDPMPipeline) neither scale the model input (Euler) nor skip
 # the step's `generator` argument (PNDM)
 PIXEL_SCHEDULERS = ("ddim", "ddpm", "dpm++")
@@ -102,6 +110,57 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether a scheduler samples a flow-matching model (SD3, Flux): FlowMatchEulerDiscreteScheduler and its kin."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def scheduler_class_name(scheduler, name: str, what: str) -> str:
+    """The diffusers class of the scheduler `name` (a key of SCHEDULERS) for a pipeline whose scheduler is `scheduler`:
+    a flow-matching one for SD3 and Flux. ValueError naming `what` when `name` does not fit it."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+    if is_flow_matching(scheduler):
+        if name not in FLOW_SCHEDULERS:
+            raise ValueError(
+                f"scheduler {name!r} does not work with {what}, a flow-matching model; use one of "
+                f"{', '.join(FLOW_SCHEDULERS)} (or its own scheduler)"
+            )
+        return FLOW_SCHEDULERS[name]
+    return SCHEDULERS[name]
+
+
+def family_or_none(class_name: str):
+    """The difftune family of a pipeline class, None for those outside the families (DDPM, class-conditional)."""
+    from finetune.families import family_of_pipeline
+
+    try:
+        return family_of_pipeline(class_name, class_name)
+    except ValueError:
+        return None
+
+
+def absent_text_encoders(index: dict[str, Any], base: str, cls: type) -> dict[str, None]:
+    """{name: None} for the optional text encoder (SD3's T5) and its tokenizer when the folder was saved without it:
+    null in model_index.json, or a local folder without its subfolder. diffusers loads such a folder only when they
+    are passed as None."""
+    family = family_or_none(cls.__name__)
+    if family is None:
+        return {}
+    local = Path(base).expanduser()
+    absent = {}
+    for encoder in family.optional_text_encoders:
+        names = (encoder, family.tokenizer_of(encoder))
+        for name in names:
+            spec = index.get(name)
+            listed = isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] is not None
+            if not listed or (local.is_dir() and not (local / name).is_dir()):
+                absent.update(dict.fromkeys(names))  # an encoder without its tokenizer is of no use, and the reverse
+    if absent:
+        logger.info("%s has no %s: loading it without them", base, ", ".join(absent))
+    return absent
 
 
 def default_device() -> str:
@@ -319,6 +378,7 @@ def load_pipeline(
     components = {}
     if unet is not None:
         components["unet"] = load_unet(str(unet), index, base, torch_dtype)
+    components.update(absent_text_encoders(index, base, cls))
     pipe = cls.from_pretrained(base, revision=revision, use_safetensors=True, dtype=torch_dtype, **components)
 
     if scheduler is not None:
@@ -329,7 +389,8 @@ def load_pipeline(
             )
         import diffusers
 
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        name = scheduler_class_name(pipe.scheduler, scheduler, cls.__name__)
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
 
     if loras:
         if not hasattr(pipe, "load_lora_weights"):
@@ -344,9 +405,12 @@ def load_pipeline(
         pipe.set_adapters(names, adapter_weights=scales)
         logger.info("LoRAs %s at scales %s", loras, scales)
 
-    for path in _as_list(embeddings):
-        if not hasattr(pipe, "load_textual_inversion"):
+    if embeddings:
+        family = family_or_none(cls.__name__)
+        if not hasattr(pipe, "load_textual_inversion") or (family is not None and not family.textual_inversion):
+            # (FluxPipeline has the loader, for its CLIP encoder only; T5 carries most of the prompt)
             raise ValueError(f"{cls.__name__} ({base!r}) does not take Textual Inversion embeddings")
+    for path in _as_list(embeddings):
         load_embeddings(pipe, str(path))
 
     pipe.to(device)

@@ -1,6 +1,7 @@
 """Generation with its denoising steps kept, and SDEdit-style reconstruction of a noised image, for every pipeline
-difftune trains: DDPM/DDIM pipelines (unconditional, distilled students), ClassConditionalDDPMPipeline and Stable
-Diffusion (with LoRAs and Textual Inversion embeddings, see `pipelines.load`).
+difftune trains: DDPM/DDIM pipelines (unconditional, distilled students), ClassConditionalDDPMPipeline, Stable
+Diffusion 1.x/2.x and SDXL (with LoRAs and Textual Inversion embeddings, see `pipelines.load`), Stable Diffusion 3
+and Flux (with LoRAs).
 
     gen = generate_with_steps(pipe, steps=50, seed=0, prompt="a toy")   # gen.images, gen.record
     gen.record.image(pipe, i)                                           # the image after step i (VAE-decoded)
@@ -10,6 +11,8 @@ Steps are captured by wrapping the scheduler's `step` for one call: the same mec
 (DDPMPipeline has no step callback), leaves the pipeline's own loop and its outputs untouched, and sees what a
 `callback_on_step_end` cannot, the model's prediction of the clean image (x0) at each step. Only the first image of a
 batch is kept, as tensors (latents for Stable Diffusion); an image is decoded when it is asked for, then cached.
+Flux's latents, packed into 2x2-patch tokens while it samples, are kept unpacked ([1, C, H, W] like the others); the
+x0 of a flow-matching step is x_t - sigma * v.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ VIEWS = ("sample", "x0")  # the noisy sample x_t after a step, or the model's pr
 # what a pipeline is
 # ---------------------------------------------------------------------------------------------------------------------
 def pipeline_kind(pipe) -> str:
-    """'text' (Stable Diffusion, SDXL), 'class' (class-conditional DDPM), 'unconditional' (DDPM/DDIM, distilled
-    students): `finetune.imaging.pipeline_kind`, narrowed to what this module runs. ValueError for the others
-    (inpainting, image-to-image, anything without those inputs)."""
+    """'text' (Stable Diffusion, SDXL, SD3, Flux), 'class' (class-conditional DDPM), 'unconditional' (DDPM/DDIM,
+    distilled students): `finetune.imaging.pipeline_kind`, narrowed to what this module runs. ValueError for the
+    others (inpainting, image-to-image, anything without those inputs)."""
     name = type(pipe).__name__
     try:
         kind = imaging.pipeline_kind(pipe)
@@ -58,20 +61,56 @@ def is_latent(pipe) -> bool:
     return getattr(pipe, "vae", None) is not None
 
 
+def denoiser(pipe):
+    """The pipeline's denoising model: its UNet, or its transformer (SD3, Flux)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer")
+
+
+def uses_negative_prompt(pipe) -> bool:
+    """Whether a negative prompt changes the image: FluxPipeline takes one but uses it only with true CFG
+    (true_cfg_scale > 1, twice the compute), which difftune does not run."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    return "negative_prompt" in parameters and "true_cfg_scale" not in parameters
+
+
+def guidance_is_an_input(pipe) -> bool:
+    """Whether guidance is an input of the model (guidance-distilled FLUX.1-dev) rather than classifier-free."""
+    transformer = getattr(pipe, "transformer", None)
+    return bool(transformer is not None and transformer.config.get("guidance_embeds", False))
+
+
 def fresh_scheduler(scheduler, name: str | None = None):
     """A new scheduler (no state from an earlier run) from `scheduler`'s config: its own class, or the diffusers class
-    that `pipelines.load.SCHEDULERS` names."""
+    that `pipelines.load.SCHEDULERS` names (a flow-matching one for SD3 and Flux: `pipelines.load.FLOW_SCHEDULERS`)."""
     import diffusers
 
-    from pipelines.load import SCHEDULERS
+    from pipelines.load import SCHEDULERS, scheduler_class_name
 
     if name in (None, "", "default"):
         cls = type(scheduler)
     elif name in SCHEDULERS:
-        cls = getattr(diffusers, SCHEDULERS[name])
+        cls = getattr(diffusers, scheduler_class_name(scheduler, name, "this model"))
     else:
         raise ValueError(f"scheduler {name!r} is not one of default, {', '.join(SCHEDULERS)}")
     return cls.from_config(scheduler.config)
+
+
+def packs_latents(pipe) -> bool:
+    """Whether the pipeline samples packed latents (Flux: 2x2 patches as tokens, [B, H/2 * W/2, 4C])."""
+    return callable(getattr(type(pipe), "_unpack_latents", None))
+
+
+def latent_unpacker(pipe, height: int, width: int):
+    """For a pipeline that packs its latents, the function that unpacks them to [B, C, H, W] for an image of height x
+    width pixels (its own `_unpack_latents`); None for the others."""
+    if not packs_latents(pipe):
+        return None
+    unpack, factor = type(pipe)._unpack_latents, pipe.vae_scale_factor
+    return lambda tokens: unpack(tokens, height, width, factor)
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
@@ -128,8 +167,9 @@ class StepRecorder:
     every `every`-th step (and the last). x_t of samplers that scale it by sigma (Euler) is kept as
     x_t / sqrt(sigma^2 + 1), the variance-preserving equivalent, so that it decodes like the others."""
 
-    def __init__(self, scheduler, total_steps: int, max_frames: int = MAX_FRAMES):
+    def __init__(self, scheduler, total_steps: int, max_frames: int = MAX_FRAMES, unpack=None):
         self.scheduler = scheduler
+        self.unpack = unpack  # packed latents (Flux) -> [B, C, H, W]: `latent_unpacker`
         self.total_steps = max(1, int(total_steps))
         self.every = max(1, math.ceil(self.total_steps / max(1, max_frames - 1)))
         self.frames: list[Frame] = []
@@ -169,8 +209,18 @@ class StepRecorder:
         return 1.0 / math.sqrt(float(scheduler.sigmas[index]) ** 2 + 1.0)
 
     def _x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor | None:
-        """x0 from the model output for samplers that do not return it (DPM-Solver++, PNDM): VP schedules only."""
+        """x0 from the model output for samplers that do not return it: DPM-Solver++ and PNDM on VP schedules, and
+        flow matching, where x_t = (1 - sigma) x0 + sigma noise and the model predicts v = noise - x0, so
+        x0 = x_t - sigma v (called after the step, which has moved step_index on: its sigma is the one before)."""
+        from pipelines.load import is_flow_matching
+
         scheduler = self.scheduler
+        if is_flow_matching(scheduler):
+            index = getattr(scheduler, "step_index", None)
+            if index is None or index < 1:
+                return None
+            sigma = float(scheduler.sigmas[index - 1])
+            return sample.float() - sigma * model_output.float()
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0:
             return None
@@ -188,11 +238,16 @@ class StepRecorder:
             return out
         return None
 
+    def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The first item of a batch as it is kept: CPU float32, unpacked."""
+        tensor = tensor[:1].detach().float().cpu()
+        return self.unpack(tensor) if self.unpack is not None else tensor
+
     def _step(self, model_output, timestep, sample, *args, **kwargs):
         t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
         t = int(round(float(t)))
         if self.calls == 0:
-            start = sample[:1].detach().float().cpu() * self._sigma_scale()
+            start = self._kept(sample) * self._sigma_scale()
             self.frames.append(Frame(step=0, timestep=None, sample=start, x0=None))
             self.first_timestep = t
         output = self._original(model_output, timestep, sample, *args, **kwargs)
@@ -205,8 +260,8 @@ class StepRecorder:
         frame = Frame(
             step=self.calls,
             timestep=t,
-            sample=prev[:1].detach().float().cpu() * self._sigma_scale(),
-            x0=None if x0 is None else x0[:1].detach().float().cpu(),
+            sample=self._kept(prev) * self._sigma_scale(),
+            x0=None if x0 is None else self._kept(x0),
         )
         self._last = frame
         if self.calls % self.every == 0:
@@ -235,13 +290,20 @@ def to_images(pipe, tensor: torch.Tensor) -> list[Image.Image]:
 
 
 def model_image_size(pipe) -> tuple[int, int, int]:
-    """(height, width, channels) of the images the pipeline makes."""
-    size = pipe.unet.config.sample_size
+    """(height, width, channels) of the images the pipeline makes: its denoiser's sample size (x the VAE's factor for
+    latents). Flux's transformer has none (it takes any size): its VAE's sample size, 1024 for FLUX.1 as for SD3."""
+    model = denoiser(pipe)
+    size = model.config.get("sample_size")
+    if size is None and is_latent(pipe):
+        factor = pipe.vae_scale_factor * (2 if packs_latents(pipe) else 1)  # Flux: 2x2 packing as well
+        size = pipe.vae.config.get("sample_size") or pipe.default_sample_size * pipe.vae_scale_factor
+        size = [side // factor * factor for side in ((size, size) if isinstance(size, int) else size)]
+        return size[0], size[1], 3
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if is_latent(pipe):
         factor = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
         return height * factor, width * factor, 3
-    return height, width, pipe.unet.config.in_channels
+    return height, width, model.config.in_channels
 
 
 def load_image(path) -> Image.Image:
@@ -284,6 +346,14 @@ class Generation:
     settings: dict[str, Any]
 
 
+def check_negative_prompt(pipe) -> None:
+    if not uses_negative_prompt(pipe):
+        raise ValueError(
+            f"{type(pipe).__name__} does not use a negative prompt (only with true CFG, which difftune does not run): "
+            "leave it empty"
+        )
+
+
 def _class_labels(pipe, class_label: int, n: int) -> list[int]:
     num_classes = pipe.config.num_classes or pipe.unet.config.num_class_embeds
     if not 0 <= int(class_label) < num_classes:
@@ -311,9 +381,13 @@ def generate_with_steps(
     if steps < 1 or num_images < 1:
         raise ValueError("steps and the number of images must be >= 1")
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": _generators(seed, num_images)}
+    unpack = None
     if kind == "text":
-        kwargs.update(prompt=prompt or "", num_images_per_prompt=num_images)
+        height, width, _ = model_image_size(pipe)
+        kwargs.update(prompt=prompt or "", num_images_per_prompt=num_images, height=height, width=width)
+        unpack = latent_unpacker(pipe, height, width)
         if negative_prompt:
+            check_negative_prompt(pipe)
             kwargs["negative_prompt"] = negative_prompt
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
@@ -324,7 +398,7 @@ def generate_with_steps(
     else:
         kwargs["batch_size"] = num_images
     start = time.perf_counter()
-    with StepRecorder(pipe.scheduler, steps, max_frames) as recorder:
+    with StepRecorder(pipe.scheduler, steps, max_frames, unpack) as recorder:
         images = pipe(**kwargs).images
     seconds = time.perf_counter() - start
     settings = {"seed": int(seed), "steps": steps, "scheduler": type(pipe.scheduler).__name__}
@@ -406,8 +480,8 @@ _IMG2IMG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def img2img_for(pipe):
-    """The image-to-image pipeline of `pipe`'s family (SD: StableDiffusionImg2ImgPipeline, SDXL: its XL one) on the
-    same components (the same modules: LoRAs, embeddings), made once."""
+    """The image-to-image pipeline of `pipe`'s family (SD: StableDiffusionImg2ImgPipeline, SDXL, SD3, Flux: theirs)
+    on the same components (the same modules: LoRAs, embeddings), made once."""
     if pipe not in _IMG2IMG:
         from diffusers import AutoPipelineForImage2Image
         from diffusers.utils import logging as diffusers_logging
@@ -436,8 +510,9 @@ def reconstruct(
     guidance: float | None = None,
 ) -> Reconstruction:
     """SDEdit (Meng et al. 2022): noise `image` to the level `strength` (the timestep at that fraction of the
-    sampling schedule), then denoise it with the model. Pixel pipelines run the scheduler loop here; Stable Diffusion
-    runs StableDiffusionImg2ImgPipeline on the same components (LoRAs and embeddings included)."""
+    sampling schedule), then denoise it with the model. Pixel pipelines run the scheduler loop here; latent pipelines
+    run their family's image-to-image pipeline (StableDiffusionImg2ImgPipeline, its XL, SD3 and Flux kin) on the
+    same components (LoRAs and embeddings included)."""
     kind = pipeline_kind(pipe)
     steps = int(steps)
     height, width, channels = model_image_size(pipe)
@@ -454,11 +529,15 @@ def reconstruct(
             "num_inference_steps": steps,
             "generator": _generators(seed, 1),
         }
+        if "height" in inspect.signature(img2img.__call__).parameters:
+            # SD3's and Flux's image-to-image pipelines resize the image to this, by default their 1024 px
+            kwargs.update(height=height, width=width)
         if negative_prompt:
+            check_negative_prompt(img2img)
             kwargs["negative_prompt"] = negative_prompt
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
-        with StepRecorder(img2img.scheduler, steps) as recorder:
+        with StepRecorder(img2img.scheduler, steps, unpack=latent_unpacker(img2img, height, width)) as recorder:
             result = img2img(**kwargs).images[0]
         noised = to_images(pipe, recorder.start)[0]
         seconds = time.perf_counter() - start

@@ -30,7 +30,14 @@ from PIL import Image
 
 from pipelines import steps as S
 from pipelines.load import load_pipeline
-from tests.tiny_models import make_tiny_ddpm_pipeline, make_tiny_sdxl_pipeline, make_tiny_unet2d
+from tests.test_pipelines import make_transformer_lora
+from tests.tiny_models import (
+    make_tiny_ddpm_pipeline,
+    make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
+    make_tiny_sdxl_pipeline,
+    make_tiny_unet2d,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -115,6 +122,17 @@ def make_lora(folder: Path, base: Path, seed: int, family: str = "sd", **unet_ch
     folder.mkdir(parents=True, exist_ok=True)
     save_lora(folder, {"unet": unet}, get_family(family))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_served(tmp_path_factory) -> dict:
+    """Tiny SD3 and Flux folders and a LoRA for each: {"sd3": {"base", "lora"}, "flux": {...}}."""
+    root = tmp_path_factory.mktemp("app_flow")
+    served = {}
+    for family, make in (("sd3", make_tiny_sd3_pipeline), ("flux", make_tiny_flux_pipeline)):
+        base = make(root / family)
+        served[family] = {"base": base, "lora": make_transformer_lora(root / f"{family}-lora", base, family, seed=1)}
+    return served
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,6 +452,93 @@ def test_an_sdxl_folder_with_its_lora_and_embeddings_is_served_like_sd(tiny_sdxl
     plain = load_pipeline(base, embeddings=[embeddings], device="cpu")
     reference = plain("a <thing>", num_inference_steps=3, guidance_scale=5.0, generator=S._generators(0, 1)).images[0]
     np.testing.assert_array_equal(off, as_array(for_display(reference)))  # LoRA scale 0: the base model
+
+
+# what differs between the flow-matching families: the pipeline, its native size (SD3: its transformer's sample size;
+# Flux: its VAE's, the transformer has none), its default guidance, whether it uses a negative prompt
+FLOW_FAMILIES = {
+    "sd3": {"pipeline": "StableDiffusion3Pipeline", "size": 32, "guidance": 7.0, "negative": True},
+    "flux": {"pipeline": "FluxPipeline", "size": 64, "guidance": 3.5, "negative": False},
+}
+
+
+@pytest.mark.parametrize("family", list(FLOW_FAMILIES))
+def test_sd3_and_flux_folders_with_their_lora_are_served_like_sd(family, tiny_flow_served, tmp_path, monkeypatch):
+    """The page's handlers on SD3 and Flux as on SD 1.5: loaded with a LoRA, only the flow-matching sampler offered,
+    the pipeline's own guidance (Flux.1-dev's an input of the model) and no negative prompt for Flux; the LoRA scale
+    changes the image and 0 gives the base model; the steps decode (Flux's packed latents unpacked, the VAE's shift
+    added: the last step is the image); SDEdit runs their image-to-image pipelines at the model's size."""
+    need("gradio")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from pipelines.app import build_app, for_display
+
+    expected = FLOW_FAMILIES[family]
+    size, guidance_value = expected["size"], expected["guidance"]
+    app = build_app(None, device="cpu")
+    on_load, on_generate, on_step, on_reconstruct = (
+        handler(app, name) for name in ("on_load", "on_generate", "on_step", "on_reconstruct")
+    )
+    base, lora = (str(tiny_flow_served[family][key]) for key in ("base", "lora"))
+    status, prompt, negative, classes, steps, guidance, scheduler, lora_scale, images, *reset = on_load(
+        base, f"{lora}:0.5", ""
+    )
+    assert f"{expected['pipeline']} (text-to-image, latent space, {size}x{size}" in status, status
+    assert f"LoRA `{lora}` x0.5" in status and "FlowMatchEulerDiscreteScheduler" in status
+    assert prompt["visible"] and negative["visible"] == expected["negative"] and not classes["visible"]
+    assert ("no negative prompt" in status) != expected["negative"]
+    assert guidance["visible"] and guidance["value"] == guidance_value and lora_scale["visible"]
+    assert ("an input of the" in guidance["label"]) == (family == "flux")
+    assert scheduler["choices"] == ["default", "euler"] and images["value"] == 1
+
+    def generate(scale: float, scheduler: str = "default"):
+        # a negative prompt: SD3 uses it; for Flux the page hides the box, and what it still holds is not sent
+        gallery, _, record, slider, image, label, status = on_generate(
+            "a toy", "blurry", None, 3, guidance_value, 0, scheduler, scale, 1, []
+        )
+        assert status.startswith("Generated 1 image in") and "FlowMatchEulerDiscreteScheduler" in status, status
+        return as_array(gallery[0][0]), record, as_array(image)
+
+    off, _, _ = generate(0.0)
+    full, record, last_step = generate(1.0, "euler")
+    assert full.shape[2] == 3 and np.abs(full - off).mean() > 0.5
+    np.testing.assert_array_equal(generate(1.0)[0], full)
+    np.testing.assert_array_equal(last_step, full)  # the last step, unpacked and decoded, is the image
+    assert len(record) == 4 and record.frames[0].sample.shape == (1, 16, size // 2, size // 2)
+    first, first_label = on_step(record, 0, "sample")
+    assert first_label == "step 0 of 3: the starting noise" and np.abs(as_array(first) - full).mean() > 1
+    x0, x0_label = on_step(record, 1, "x0")
+    assert x0_label.startswith("step 1 of 3 (from t = 1000)")
+    assert np.abs(as_array(x0) - as_array(on_step(record, 1, "sample")[0])).mean() > 1
+    # x0 = x_t - sigma v; the last Euler step goes to sigma 0, so its x_t is that step's x0
+    assert all(frame.x0 is not None for frame in record.frames[1:])
+    torch.testing.assert_close(record.frames[-1].x0, record.frames[-1].sample, rtol=1e-4, atol=1e-4)
+
+    plain = load_pipeline(base, device="cpu")
+    negative_prompt = {"negative_prompt": "blurry"} if expected["negative"] else {}
+    reference = plain(
+        "a toy",
+        num_inference_steps=3,
+        guidance_scale=guidance_value,
+        height=size,
+        width=size,
+        generator=S._generators(0, 1),
+        **negative_prompt,
+    ).images[0]
+    np.testing.assert_array_equal(off, as_array(for_display(reference)))  # LoRA scale 0: the base model
+
+    picture = tmp_path / "ring.png"
+    digit_like(80).save(picture)
+    original, noised, output, status = on_reconstruct(
+        str(picture), 0.5, "a toy", "", None, 4, guidance_value, 0, "default", 1.0
+    )
+    assert status.startswith("Noised to t =") and "denoised in 2 steps" in status, status
+    assert np.abs(as_array(noised) - as_array(original)).mean() > 5
+    result = S.reconstruct(app.holder.model.pipe, digit_like(80), strength=0.5, steps=4, seed=0, prompt="a toy")
+    assert result.original.size == result.noised.size == result.reconstruction.size == (size, size)
+    assert (
+        "does not work with this model, a flow-matching model"
+        in on_generate("a toy", "", None, 2, guidance_value, 0, "ddim", 1.0, 1, [])[-1]
+    )
 
 
 def test_sdedit_of_sdxl(tiny_sdxl_served):

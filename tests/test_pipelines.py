@@ -1,10 +1,13 @@
 """pipelines/: load_pipeline with several LoRAs and their scales, embeddings, a replacement UNet and a scheduler;
-the generate command for text-to-image, inpainting, class-conditional and DDPM folders."""
+the generate command for text-to-image, inpainting, class-conditional and DDPM folders; SD3 and Flux folders with
+their LoRAs, and an SD3 folder saved without T5."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,14 @@ from safetensors.torch import save_file
 from pipelines.generate import main, parse_lora
 from pipelines.load import load_pipeline
 from tests.helpers import sd_image
-from tests.tiny_models import make_test_images, make_tiny_ddpm_pipeline, make_tiny_sd_pipeline, make_tiny_unet2d
+from tests.tiny_models import (
+    make_test_images,
+    make_tiny_ddpm_pipeline,
+    make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
+    make_tiny_sd_pipeline,
+    make_tiny_unet2d,
+)
 
 PROMPT = "a toy picture"
 
@@ -46,6 +56,28 @@ def make_lora(folder, base, seed: int, alpha: float = 4.0, text_encoder: bool = 
     folder.mkdir(parents=True, exist_ok=True)
     save_lora(folder, modules, get_family("sd"))
     save_kohya(folder, modules, get_family("sd"))
+    return folder
+
+
+def make_transformer_lora(folder: Path, base: Path, family: str, seed: int) -> Path:
+    """A rank-4 LoRA with random A and B on the attention of the tiny SD3 or Flux transformer, saved as the lora
+    method saves it for that family."""
+    import diffusers
+
+    from finetune.adapters import LoraOptions, add_lora, save_lora
+    from finetune.families import get_family
+
+    family_ = get_family(family)
+    cls = getattr(diffusers, family_.denoiser_class)
+    transformer = cls.from_config(cls.load_config(base, subfolder="transformer"))
+    add_lora({"transformer": transformer}, LoraOptions(rank=4, alpha=4.0), family_)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_lora(folder, {"transformer": transformer}, family_)
     return folder
 
 
@@ -204,3 +236,70 @@ def test_class_conditional_and_ddpm_folders(tmp_path, capsys):
     )
     assert len(list((tmp_path / "d").glob("000*.png"))) == 3
     assert Image.open(tmp_path / "d" / "0001.png").size == (8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stable Diffusion 3 and Flux
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flow_models(tmp_path_factory) -> dict:
+    """Tiny SD3 and Flux folders and a LoRA for each: {"sd3": (base, lora), "flux": (base, lora)}."""
+    root = tmp_path_factory.mktemp("flow")
+    models = {}
+    for family, make in (("sd3", make_tiny_sd3_pipeline), ("flux", make_tiny_flux_pipeline)):
+        base = make(root / family)
+        models[family] = base, make_transformer_lora(root / f"{family}-lora", base, family, seed=1)
+    return models
+
+
+def test_an_sd3_folder_saved_without_t5_loads_without_it(flow_models, tmp_path):
+    """model_index.json lists T5 as null (saved with text_encoder_3=None), or lists it but the folder lacks it (left
+    out when copied): both load with text_encoder_3=None and make the same image; the same weights with T5 another."""
+    with_t5 = flow_models["sd3"][0]
+    saved_without = make_tiny_sd3_pipeline(tmp_path / "saved-without", with_t5=False)
+    assert json.loads((saved_without / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    copied_without = tmp_path / "copied-without"
+    shutil.copytree(with_t5, copied_without, ignore=lambda folder, names: [n for n in names if n == "text_encoder_3"])
+    assert json.loads((copied_without / "model_index.json").read_text())["text_encoder_3"][1] == "T5EncoderModel"
+
+    images = {}
+    for name, folder in (("saved", saved_without), ("copied", copied_without), ("t5", with_t5)):
+        pipe = load_pipeline(folder, device="cpu")
+        assert (pipe.text_encoder_3 is None and pipe.tokenizer_3 is None) == (name != "t5")
+        images[name] = sd_image(pipe, PROMPT, size=32)
+    np.testing.assert_array_equal(images["copied"], images["saved"])
+    assert np.abs(images["t5"] - images["saved"]).max() > 1e-3  # T5's sequence instead of zeros
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_generate_sd3_and_flux_with_a_lora(family, flow_models, tmp_path, capsys):
+    base, lora = (str(path) for path in flow_models[family])
+    out = tmp_path / "out"
+    argv = [base, "--prompt", PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    negative = ["--negative-prompt", "blurry"] if family == "sd3" else []  # Flux does not use one
+
+    def image(*extra: str) -> np.ndarray:
+        assert main([*argv, *negative, *extra]) == 0, capsys.readouterr().err
+        newest = max(out.glob("0*.png"))
+        settings = json.loads(Image.open(newest).text["parameters"])
+        assert settings["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+        return np.asarray(Image.open(newest), dtype=np.int16)
+
+    with_lora = image("--lora", f"{lora}:0.8")
+    assert with_lora.shape == (64, 64, 3)
+    assert json.loads(Image.open(out / "0001.png").text["parameters"])["lora"] == [f"{lora}:0.8"]
+    plain = image("--scheduler", "euler")  # their flow-matching sampler, as the folder has it
+    np.testing.assert_array_equal(image("--lora", f"{lora}:0"), plain)  # scale 0: the base model
+    assert np.abs(with_lora - plain).mean() > 0.5
+    capsys.readouterr()
+
+    assert main([*argv, "--scheduler", "ddim"]) == 2
+    assert "scheduler 'ddim' does not work with" in capsys.readouterr().err
+    embeddings = tmp_path / "ti"
+    embeddings.mkdir()
+    save_file({"<thing>": torch.randn(1, 32)}, str(embeddings / "learned_embeds.safetensors"))
+    assert main([*argv, "--embeddings", str(embeddings)]) == 2
+    assert "does not take Textual Inversion embeddings" in capsys.readouterr().err
+    if family == "flux":
+        assert main([*argv, "--negative-prompt", "blurry"]) == 2
+        assert "FluxPipeline does not use a negative prompt" in capsys.readouterr().err
