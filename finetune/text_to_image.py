@@ -612,11 +612,12 @@ class TextToImageMethod(Method):
 
     def usage_call(self, prompt: str) -> str:
         """The model card's generation line."""
+        guidance = self.options.validation_guidance_scale  # (FLUX.1-dev: its guidance input, 3.5 in its recipes)
         if not self.inpainting:
-            return f'image = pipe("{prompt}", num_inference_steps=30, guidance_scale=7.5).images[0]'
+            return f'image = pipe("{prompt}", num_inference_steps=30, guidance_scale={guidance}).images[0]'
         return f"""image = load_image("photo.png")
 mask = load_image("mask.png")  # white = repaint, black = keep
-result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, guidance_scale=7.5).images[0]
+result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, guidance_scale={guidance}).images[0]
 # keep the unmasked pixels exactly: result = pipe.image_processor.apply_overlay(mask, image, result)"""
 
     def license_facts(self) -> dict[str, str]:

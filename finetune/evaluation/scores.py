@@ -70,7 +70,7 @@ def evaluate_pipeline(
 
 def _load_pipeline(folder: Path, pipeline_class=None, scheduler: str | None = None, device: str = "cpu"):
     """Through `pipelines.load` (safetensors only, diffusers or difftune pipeline classes only), in float32."""
-    from pipelines.load import SCHEDULERS, load_pipeline
+    from pipelines.load import load_pipeline
 
     if not folder.is_dir():
         raise FileNotFoundError(f"pipeline folder not found: {folder}")
@@ -82,9 +82,11 @@ def _load_pipeline(folder: Path, pipeline_class=None, scheduler: str | None = No
     if scheduler is not None:
         import diffusers
 
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-        pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
+        from pipelines.load import scheduler_class_name
+
+        # (refuses a sampler that does not fit the pipeline, e.g. DDIM on a flow-matching one)
+        name = scheduler_class_name(pipeline.scheduler, scheduler, type(pipeline).__name__)
+        pipeline.scheduler = getattr(diffusers, name).from_config(pipeline.scheduler.config)
     return pipeline.to(device)
 
 
