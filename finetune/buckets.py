@@ -288,11 +288,8 @@ def format_table(rows: list[dict], sampler: BucketBatchSampler) -> list[str]:
     return lines
 
 
-def report(dataset, sampler: BucketBatchSampler, output_dir: Path, then: str) -> list[dict]:
-    """Log the bucket table (and a warning for what drop_last leaves out) and write `buckets.json` ("<w>x<h>" ->
-    images) into the output folder. Main process only."""
-    from finetune import atomic
-
+def log_table(dataset, sampler: BucketBatchSampler) -> list[dict]:
+    """Log the bucket table, and a warning for what drop_last leaves out of every epoch. Main process, at start."""
     rows = bucket_rows(sampler, dataset.bucket_images())
     for line in format_table(rows, sampler):
         logger.info("%s", line)
@@ -307,6 +304,12 @@ def report(dataset, sampler: BucketBatchSampler, output_dir: Path, then: str) ->
             sampler.global_batch,
             f"; the bucket(s) {', '.join(never)} hold fewer than one global batch and never train" if never else "",
         )
-    counts = {r["bucket"]: r["images"] for r in rows}
-    atomic.atomic_write_text(output_dir / "buckets.json", json.dumps(counts, indent=1) + "\n", then=then)
     return rows
+
+
+def write_json(dataset, sampler: BucketBatchSampler, output_dir: Path, then: str) -> Path:
+    """`buckets.json` in the output folder: "<w>x<h>" -> images, tallest bucket first."""
+    from finetune import atomic
+
+    counts = {r["bucket"]: r["images"] for r in bucket_rows(sampler, dataset.bucket_images())}
+    return atomic.atomic_write_text(output_dir / "buckets.json", json.dumps(counts, indent=1) + "\n", then=then)

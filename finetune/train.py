@@ -184,6 +184,8 @@ def train(config: Config) -> Path:
         dataloader = torch.utils.data.DataLoader(
             dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, num_workers=config.data.num_workers
         )
+        if accelerator.is_main_process:
+            buckets.log_table(dataset, bucket_sampler)
     else:
         dataloader = torch.utils.data.DataLoader(
             dataset,
@@ -243,8 +245,8 @@ def train(config: Config) -> Path:
         with atomic.atomic_path(output_dir / "config.yaml") as temporary:
             config.save(temporary)
         truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
-        if bucket_sampler is not None:  # the bucket table in the log, buckets.json in the output folder
-            buckets.report(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
+        if bucket_sampler is not None:  # images per bucket
+            buckets.write_json(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
         accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
