@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import subprocess
 from collections import Counter
@@ -441,11 +442,23 @@ def test_two_processes_equal_one_process_with_buckets(tmp_path):
     assert order.global_batches(0)[0][0] != order.global_batches(1)[0][0]
     reference = run_training(recipe(tmp_path / "one", 2))
     path = write_recipe(tmp_path / "two.yaml", recipe(tmp_path / "two", 1))
-    result = subprocess.run(
-        two_process_command(path), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
+    launcher = subprocess.Popen(
+        two_process_command(path),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "global batch 2 = 1 per process x 2 processes" in result.stderr
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:  # a hung job: both ranks go with the launcher, none is left running
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "global batch 2 = 1 per process x 2 processes" in stderr
     assert json.loads((tmp_path / "two" / "buckets.json").read_text()) == {"56x80": 2, "64x64": 3, "80x56": 2}
     # the tolerance of the square path's test (tests/test_multiprocess.py): float rounding of DDP's mean; a wrong
     # split of the data moves the weights by whole steps (~1e-3)
