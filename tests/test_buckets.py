@@ -342,6 +342,36 @@ def test_a_lora_run_on_portrait_landscape_and_square_images_writes_buckets_json_
     assert grid.size == (2 * (2 * 80 + 2) + 2,) * 2, "three sizes in cells of the largest (enlarged x2 for viewing)"
 
 
+def test_dreambooth_with_prior_preservation_trains_instance_and_class_images_in_their_buckets(tmp_path):
+    """The generated class images are data.resolution squares: they share the square bucket, the instance images
+    keep theirs (and the latent cache encodes one bucket shape at a time)."""
+    from tests.tiny_models import make_tiny_sd_pipeline
+
+    base = make_tiny_sd_pipeline(tmp_path / "base")
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    for i, size in enumerate([(112, 160), (120, 168), (160, 112), (168, 120)]):
+        noise(size, i).save(instance / f"dog_{i}.png")
+    recipe = lora_recipe(base, instance, tmp_path / "run", steps=4)
+    del recipe["lora"]
+    recipe["method"] = "dreambooth"
+    recipe["dreambooth"] = {
+        "instance_data_dir": str(instance),
+        "instance_prompt": "a photo of sks dog",
+        "use_lora": True,
+        "with_prior_preservation": True,
+        "class_prompt": "a photo of dog",
+        "num_class_images": 2,
+        "class_inference_steps": 1,
+        "sample_batch_size": 2,
+        "cache": "memory",
+    }
+    out = run_training(recipe)
+    assert json.loads((out / "buckets.json").read_text()) == {"56x80": 2, "64x64": 2, "80x56": 2}
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_sdxl_time_ids_carry_each_examples_original_size_and_crop_cached_or_not(tmp_path):
     """Portraits 100x200 go to the 48x88 bucket (resized to 48x96, 4 rows cut above and below); landscapes 200x100
     to 88x48 (96x48, 4 columns cut at each side). The UNet must get exactly those numbers as time ids."""
