@@ -76,7 +76,11 @@ class DataConfig:
     image_column: str = option("image", "Column holding the images.")
     caption_column: str = option("text", "Column holding the captions (text-conditioned methods).")
     label_column: str = option("label", "Column holding integer class labels (class-conditional methods).")
-    resolution: int = option(16, "Training resolution in pixels (images are resized, then cropped to a square).")
+    resolution: int = option(
+        16,
+        "Training resolution in pixels (images are resized, then cropped to a square; with data.aspect_buckets, to "
+        "their bucket of about resolution^2 pixels).",
+    )
     center_crop: bool = option(True, "Center crop after resizing (False: random crop).")
     random_flip: bool = option(False, "Randomly flip images horizontally.")
     channels: int | None = option(None, "Image channels (1 or 3). None: 1 for digits, 3 otherwise.")
@@ -105,6 +109,27 @@ class DataConfig:
         "brings it under the limit, any other is skipped and counted, never decoded. null: no limit of ours (PIL's "
         "decompression-bomb limit still applies).",
     )
+    # aspect-ratio buckets (finetune/buckets.py); kohya's names for the same settings are in the README
+    aspect_buckets: bool = option(
+        False,
+        "Train on aspect-ratio buckets (kohya's --enable_bucket): each image goes to the bucket of about "
+        "data.resolution^2 pixels nearest its aspect ratio, is resized to cover it and cropped (data.center_crop), "
+        "and every batch holds one bucket. Off: every image is cropped to a data.resolution square.",
+    )
+    bucket_min_aspect: float = option(
+        0.5, "Tallest bucket, as width / height (0.5: 1:2 portrait). At most 1 (the square bucket is always there)."
+    )
+    bucket_max_aspect: float = option(2.0, "Widest bucket, as width / height (2.0: 2:1 landscape). At least 1.")
+    bucket_step: int | None = option(
+        None,
+        "Bucket sides are multiples of this many pixels (kohya's --bucket_reso_steps). None: what the model family's "
+        "latents need (8 px for Stable Diffusion's VAE). Must be a multiple of 8.",
+    )
+    bucket_no_upscale: bool = option(
+        False,
+        "Never enlarge an image (kohya's --bucket_no_upscale): one smaller than its bucket gets a smaller bucket of "
+        "the same shape, the largest it covers (sides rounded down to data.bucket_step).",
+    )
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -118,6 +143,18 @@ class DataConfig:
                 f"data.max_image_pixels must be null or at least data.resolution^2 = {self.resolution**2}, got "
                 f"{self.max_image_pixels}"
             )
+        if not 0 < self.bucket_min_aspect <= 1:
+            raise ConfigError(
+                f"data.bucket_min_aspect must be in (0, 1] (width / height of the tallest bucket), got "
+                f"{self.bucket_min_aspect}"
+            )
+        if self.bucket_max_aspect < 1:
+            raise ConfigError(
+                f"data.bucket_max_aspect must be >= 1 (width / height of the widest bucket), got "
+                f"{self.bucket_max_aspect}"
+            )
+        if self.bucket_step is not None and (self.bucket_step < 8 or self.bucket_step % 8):
+            raise ConfigError(f"data.bucket_step must be a multiple of 8 (or null), got {self.bucket_step}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.buckets import Bucket, BucketPlan, bucket_name, cover_geometry
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
 from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
@@ -60,18 +62,23 @@ def crop_geometry(
 
 
 def size_conditioning(
-    size: tuple[int, int], new_size: tuple[int, int], corner: tuple[int, int], resolution: int, flipped: bool
+    size: tuple[int, int],
+    new_size: tuple[int, int],
+    corner: tuple[int, int],
+    resolution: int | Bucket,
+    flipped: bool,
 ) -> dict[str, torch.Tensor]:
     """What SDXL's micro-conditioning needs of an example (Podell et al. 2023, section 2.2): the original (h, w), the
     crop's (top, left) in the resized image (mirrored when the crop is flipped, as the diffusers SDXL script does),
-    and the target (h, w)."""
+    and the target (h, w): a `resolution` square, or a bucket's (w, h)."""
+    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     left, top = corner
     if flipped:
-        left = new_size[0] - left - resolution
+        left = new_size[0] - left - target_w
     return {
         "original_size": torch.tensor([size[1], size[0]]),
         "crop_top_left": torch.tensor([top, left]),
-        "target_size": torch.tensor([resolution, resolution]),
+        "target_size": torch.tensor([target_h, target_w]),
     }
 
 
@@ -83,22 +90,29 @@ def image_to_tensor(
     center_crop: bool = True,
     random_flip: bool = False,
     sizes: dict | None = None,
+    bucket: Bucket | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Resize the short side to `resolution`, crop a square, maybe flip; return ([C, R, R] in [-1, 1], flipped).
+    With a bucket (w, h), resize to cover it and crop it instead ([C, h, w]; `finetune.buckets.cover_geometry`).
     With a dict as `sizes`, it receives the example's size conditioning (`size_conditioning`)."""
     image = to_mode(image, channels)
     original = image.size
-    new_size, (left, top) = crop_geometry(original, resolution, rng, center_crop)
+    if bucket is None:
+        new_size, (left, top) = crop_geometry(original, resolution, rng, center_crop)
+        target = (resolution, resolution)
+    else:
+        new_size, (left, top) = cover_geometry(original, bucket, rng, center_crop)
+        target = bucket
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BICUBIC)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + target[0], top + target[1]))
     flipped = bool(random_flip and rng.random() < 0.5)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
     if flipped:
         tensor = tensor.flip(-1)
     if sizes is not None:
-        sizes.update(size_conditioning(original, new_size, (left, top), resolution, flipped))
+        sizes.update(size_conditioning(original, new_size, (left, top), bucket or resolution, flipped))
     return tensor.contiguous(), flipped
 
 
@@ -666,6 +680,7 @@ class ImageRecords(torch.utils.data.Dataset):
         self.failed_rows: set[int] = set()  # rows that could not be read during training (replaced, see get)
         self.decode_pixels = True  # False once a latent cache holds every image: get() then returns no pixels
         self.image_sizes: dict[int, tuple[int, int]] = {}  # (w, h) of each row once seen (size conditioning)
+        self.row_buckets: dict[int, Bucket] | None = None  # row -> bucket (w, h) once `use_buckets` has run
         if config.verify_images:
             found = find_unreadable_images(
                 [self.image_sources[i] for i in self.indices], max_pixels=config.max_image_pixels
@@ -684,6 +699,8 @@ class ImageRecords(torch.utils.data.Dataset):
                     ", ".join(name for _, name, _ in unreadable[:5]),
                     " ..." if len(unreadable) > 5 else "",
                 )
+        if config.aspect_buckets:  # each image's bucket needs its size: read from its header, once, here
+            self.read_sizes(len(records))
         cut = total - len(records)
         summary = self.summary(cut)
         if report is not None and _is_main_process():
@@ -700,6 +717,69 @@ class ImageRecords(torch.utils.data.Dataset):
                 f"data.dataset: none of the images in {source!r} has a usable caption ({summary.split(': ', 1)[1]}). "
                 f"Fix the captions ({report.metadata}), or set data.caption_column to the column that holds them"
             )
+
+    def read_sizes(self, total: int, num_threads: int = 8) -> None:
+        """Every image's (w, h) from its header (`image_size`: nothing decoded); one whose header cannot be read is
+        skipped and counted as unreadable (or too large), as `data.verify_images` would."""
+
+        def read(row: int):
+            try:
+                width, height = self.image_size(row)
+                if width < 1 or height < 1:
+                    raise ValueError("empty image")
+                return None
+            except Exception as err:  # noqa: BLE001 - any failure to read the header means: skip this file
+                reason = str(err) if isinstance(err, ImageTooLarge) else f"{type(err).__name__}: {err}"
+                return row, _describe(self.image_sources[row], row), reason
+
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            found = [bad for bad in pool.map(read, self.indices) if bad is not None]
+        if not found:
+            return
+        self.skipped += found
+        self.too_large += [bad for bad in found if bad[2].startswith("too large")]
+        bad = {row for row, _, _ in found}
+        self.indices = [i for i in self.indices if i not in bad]
+        unreadable = [bad for bad in found if not bad[2].startswith("too large")]
+        if unreadable and _is_main_process():
+            logger.warning(
+                "skipped %d unreadable image(s) of %d: %s%s",
+                len(unreadable),
+                total,
+                ", ".join(name for _, name, _ in unreadable[:5]),
+                " ..." if len(unreadable) > 5 else "",
+            )
+
+    # -- aspect-ratio buckets (finetune/buckets.py) ------------------------------------------------------------------
+    def can_use_buckets(self) -> bool:
+        return True
+
+    def use_buckets(self, plan: BucketPlan) -> None:
+        """Put every image in its bucket (from its size); with data.bucket_no_upscale an image under one bucket step
+        is left out, with a warning naming it."""
+        buckets = {row: plan.bucket_for(self.image_size(row)) for row in self.indices}
+        small = [row for row in self.indices if buckets[row] is None]
+        if small and _is_main_process():
+            logger.warning(
+                "data: %d image(s) smaller than one bucket step (%d px) left out (data.bucket_no_upscale): %s",
+                len(small),
+                plan.step,
+                _names([_describe(self.image_sources[row], row) for row in small]),
+            )
+        self.indices = [row for row in self.indices if buckets[row] is not None]
+        if not self.indices:
+            raise ConfigError(
+                f"data.bucket_no_upscale: every image of {self.source_name!r} is smaller than one bucket step "
+                f"({plan.step} px); set data.bucket_no_upscale=false"
+            )
+        self.row_buckets = {row: bucket for row, bucket in buckets.items() if bucket is not None}
+
+    def example_buckets(self) -> list[Bucket]:
+        """The bucket of each example (index), after `use_buckets`."""
+        return [self.row_buckets[row] for row in self.indices]
+
+    def bucket_images(self) -> Counter:
+        return Counter(self.example_buckets())
 
     def captioned_count(self) -> int:
         unlisted = self.report.unlisted_rows if self.report is not None else set()
@@ -762,11 +842,16 @@ class ImageRecords(torch.utils.data.Dataset):
 
     def open_row(self, index: int) -> tuple[int, Image.Image]:
         """The image of example `index`, or, when it cannot be read any more (deleted or damaged after the start),
-        the next readable one, with a warning: a long run does not die on one file; a run whose files are all gone
-        stops with a one-line error."""
+        the next readable one (of the same bucket, with buckets: a batch keeps one shape), with a warning: a long
+        run does not die on one file; a run whose files are all gone stops with a one-line error."""
         count = len(self.indices)
-        for offset in range(count):
-            row = self.indices[(index + offset) % count]
+        rows = [self.indices[(index + offset) % count] for offset in range(count)]
+        where = ""
+        if self.row_buckets is not None:
+            bucket = self.row_buckets[self.indices[index]]
+            rows = [row for row in rows if self.row_buckets[row] == bucket]
+            count, where = len(rows), f" in bucket {bucket_name(bucket)}"
+        for row in rows:
             if row in self.failed_rows:
                 continue
             try:
@@ -781,8 +866,8 @@ class ImageRecords(torch.utils.data.Dataset):
                     err,
                 )
         raise RunError(
-            f"data.dataset: none of the {count} images of {self.source_name!r} can be read any more (deleted or "
-            "damaged during training); restore them and resume with checkpoint.resume_from_checkpoint=latest"
+            f"data.dataset: none of the {count} images of {self.source_name!r}{where} can be read any more (deleted "
+            "or damaged during training); restore them and resume with checkpoint.resume_from_checkpoint=latest"
         )
 
     def image_size(self, row: int) -> tuple[int, int]:
@@ -798,6 +883,7 @@ class ImageRecords(torch.utils.data.Dataset):
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
+        bucket = self.row_buckets[row] if self.row_buckets is not None else None  # (w, h) with buckets, else None
         if self.decode_pixels:
             row, image = self.open_row(index)
             sizes: dict[str, torch.Tensor] = {}
@@ -809,20 +895,27 @@ class ImageRecords(torch.utils.data.Dataset):
                 self.config.center_crop,
                 self.config.random_flip,
                 sizes,
+                bucket,
             )
-            self.image_sizes[row] = image.size
             example = {"pixel_values": pixels, "flipped": flipped, "row": row, **sizes}
         else:  # cached latents (center crops only): the same draws as image_to_tensor, no image work
             if row in self.failed_rows:  # it failed while the cache was built: its stand-in's latents are there
-                row = next(r for r in self.indices[index:] + self.indices[:index] if r not in self.failed_rows)
+                row = next(
+                    r
+                    for r in self.indices[index:] + self.indices[:index]
+                    if r not in self.failed_rows and (bucket is None or self.row_buckets[r] == bucket)
+                )
             flipped = bool(self.config.random_flip and rng.random() < 0.5)
             size = self.image_size(row)
             resolution = self.config.resolution
-            new_size, corner = crop_geometry(size, resolution, rng, center_crop=True)
+            if bucket is None:
+                new_size, corner = crop_geometry(size, resolution, rng, center_crop=True)
+            else:
+                new_size, corner = cover_geometry(size, bucket, rng, center_crop=True)
             example = {
                 "flipped": flipped,
                 "row": row,
-                **size_conditioning(size, new_size, corner, resolution, flipped),
+                **size_conditioning(size, new_size, corner, bucket or resolution, flipped),
             }
         example.update({c: self.column_values[c][row] for c in self.columns})
         return example
@@ -884,6 +977,21 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats
+
+    # -- aspect-ratio buckets: the source's, repeated (finetune/buckets.py) ------------------------------------------
+    def can_use_buckets(self) -> bool:
+        return hasattr(self.source, "use_buckets") and self.source.can_use_buckets()
+
+    def use_buckets(self, plan: BucketPlan) -> None:
+        self.source.use_buckets(plan)
+
+    def example_buckets(self) -> list[Bucket]:
+        """The bucket of every index of an epoch."""
+        return self.source.example_buckets() * self.repeats
+
+    def bucket_images(self) -> Counter:
+        """Images (not repeats) per bucket."""
+        return self.source.bucket_images()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, index])

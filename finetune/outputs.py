@@ -21,19 +21,21 @@ logger = logging.getLogger(__name__)
 
 # files a run writes as it starts; a folder holding only these belongs to a run that died before its first checkpoint
 # (class_images: prior-preservation images a DreamBooth run generates before training, kept when it is restarted;
-# .cache: the disk cache of latents, written before training too)
-RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_images", ".cache"}
+# .cache: the disk cache of latents, written before training too; buckets.json: the images per bucket of
+# data.aspect_buckets, written at start)
+RUN_SCAFFOLDING = {"config.yaml", "logs", "train_log.jsonl", "samples", "class_images", ".cache", "buckets.json"}
 HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None, gap: int = 2) -> Image.Image:
-    """Tile images (all of one size) row by row, `gap` pixels of mid-gray between them."""
+    """Tile images row by row, `gap` pixels of mid-gray between them; images of several sizes (samples at several
+    aspect ratios) each sit at the top left of a cell of the largest width and height."""
     # Not diffusers' make_image_grid: the gaps keep neighbouring samples apart (16 px digits run into each other
     # without them, and the tests and users' scripts read grids of this size), a last row may be short, and grayscale
     # grids stay 'L' where make_image_grid always makes RGB.
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
+    width, height = max(i.width for i in images), max(i.height for i in images)
     fill = 128 if images[0].mode == "L" else (128,) * len(images[0].getbands())
     grid = Image.new(images[0].mode, (columns * (width + gap) + gap, rows * (height + gap) + gap), fill)
     for i, image in enumerate(images):
@@ -47,8 +49,9 @@ def save_grid(
     """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
     with atomic.reporting_write_errors(path.parent, then):
         path.parent.mkdir(parents=True, exist_ok=True)
-    if images[0].width < min_cell:
-        factor = math.ceil(min_cell / images[0].width)
+    smallest = min(i.width for i in images)
+    if smallest < min_cell:
+        factor = math.ceil(min_cell / smallest)
         images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
     grid = image_grid(images, columns)
     with atomic.atomic_path(path, then=then) as temporary:

@@ -11,6 +11,7 @@ E[mse_instance] + prior_loss_weight * E[mse_class].
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,24 @@ class PriorPreservationExamples(torch.utils.data.Dataset):
     @decode_pixels.setter
     def decode_pixels(self, value: bool) -> None:
         self.instance.decode_pixels = self.classes.decode_pixels = value
+
+    # -- aspect-ratio buckets (finetune/buckets.py): instance and class images each in their own bucket ---------------
+    def can_use_buckets(self) -> bool:
+        return all(hasattr(s, "use_buckets") and s.can_use_buckets() for s in (self.instance, self.classes))
+
+    def use_buckets(self, plan) -> None:
+        self.instance.use_buckets(plan)
+        self.classes.use_buckets(plan)
+
+    def example_buckets(self) -> list:
+        """The bucket of each index, in `get`'s order: M instance examples, then M class examples."""
+        instance, classes = self.instance.example_buckets(), self.classes.example_buckets()
+        return [instance[i % len(instance)] for i in range(self.per_set)] + [
+            classes[i % len(classes)] for i in range(self.per_set)
+        ]
+
+    def bucket_images(self) -> Counter:
+        return self.instance.bucket_images() + self.classes.bucket_images()
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         if index < self.per_set:

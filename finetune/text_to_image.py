@@ -52,11 +52,32 @@ class TextToImageOptions(InpaintingMaskOptions):
         default_factory=list, help="Prompts of the sample grids (cycled). Empty: the method's own default prompt."
     )
     validation_guidance_scale: float = option(7.5, "Guidance scale of validation images.")
+    validation_sizes: list[str] = option(
+        default_factory=list,
+        help="Sizes 'WxH' of the sample grids' images (cycled, e.g. [832x1216, 1024x1024, 1216x832] with "
+        "data.aspect_buckets). Empty: data.resolution squares.",
+    )
 
     def __post_init__(self):
         InpaintingMaskOptions.__post_init__(self)
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        parse_sizes(self.validation_sizes)
+
+
+def parse_sizes(sizes: list[str]) -> list[tuple[int, int]]:
+    """validation_sizes as (w, h): 'WxH' each, sides positive multiples of 8."""
+    parsed = []
+    for size in sizes:
+        width, _, height = str(size).lower().partition("x")
+        if not (width.strip().isdigit() and height.strip().isdigit()) or int(width) % 8 or int(height) % 8:
+            raise ConfigError(
+                f"validation_sizes: {size!r} is not 'WxH' with width and height positive multiples of 8, e.g. 512x768"
+            )
+        if not int(width) or not int(height):
+            raise ConfigError(f"validation_sizes: {size!r} has a zero side")
+        parsed.append((int(width), int(height)))
+    return parsed
 
 
 class LatentCache:
@@ -157,6 +178,11 @@ class TextToImageMethod(Method):
         if not isinstance(caption, str):
             raise ValueError(f"row {example['row']}: caption {caption!r} is not text")
         return caption
+
+    def bucket_multiple(self) -> int:
+        """What the sides of aspect-ratio buckets (data.aspect_buckets) must be a multiple of: what the family's
+        latents need (8 px for SD's VAE; 16 for Flux's packed latents)."""
+        return getattr(self.family, "latent_multiple", 8)
 
     def configure_trainable(self) -> None:
         """Mark what trains (LoRA layers, the UNet, embedding rows); everything starts frozen."""
@@ -290,6 +316,11 @@ class TextToImageMethod(Method):
                     "remove them, or train an inpainting checkpoint"
                 )
             return
+        if self.config.data.aspect_buckets or self.options.validation_sizes:
+            raise ConfigError(
+                f"{section}: an inpainting model trains and samples on data.resolution squares here (its masks are "
+                "square); set data.aspect_buckets=false and leave validation_sizes empty"
+            )
         if self.masks is None:
             user_masks = find_user_masks(source, self.image_folder(self.config), self.options, section)
             self.masks = InpaintingMasks(self.options, self.config.data.resolution, user_masks)
@@ -420,6 +451,8 @@ class TextToImageMethod(Method):
             self.text_encoder_trains,
             type(self).__name__,
         ]
+        if data.aspect_buckets:  # the latents' shapes: every example's bucket
+            key.append([list(bucket) for bucket in self.train_dataset.example_buckets()])
         return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
 
     @torch.no_grad()
@@ -441,6 +474,8 @@ class TextToImageMethod(Method):
         for index in range(len(source)):
             example = source.get(index, rng)
             pixels = example["pixel_values"].flip(-1) if example["flipped"] else example["pixel_values"]
+            if batch_pixels and pixels.shape != batch_pixels[0].shape:  # another bucket: encode the ones so far
+                flush()
             for flip in flips:
                 batch_rows.append((example["row"], flip))
                 batch_pixels.append(pixels.flip(-1) if flip else pixels)
@@ -573,26 +608,38 @@ class TextToImageMethod(Method):
 
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
+        """Image i has prompt i and size i of the cycled validation prompts and sizes; one pipeline call per size,
+        the k-th seeded with seed + k."""
         prompts = self.validation_prompts()
+        resolution = self.config.data.resolution
+        sizes = parse_sizes(self.options.validation_sizes) or [(resolution, resolution)]
         parts = self.parts(unwrap=True)
+        images: list = [None] * num_images
         with eval_mode(parts[self.family.denoiser], *self.text_encoders.values()):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
-            generator = torch.Generator(self.device).manual_seed(seed)
-            texts = [prompts[i % len(prompts)] for i in range(num_images)]
-            prompt = {"prompt": texts}
-            if self.text_encoders_freed:  # the pipeline takes the cached conditioning (and the empty prompt's)
-                prompt = self.cached_prompt_embeddings(texts)
-            with self.accelerator.autocast():
-                return pipe(
-                    **prompt,
-                    num_inference_steps=self.config.diffusion.num_inference_steps,
-                    guidance_scale=self.options.validation_guidance_scale,
-                    generator=generator,
-                    height=self.config.data.resolution,
-                    width=self.config.data.resolution,
-                    **self.validation_inputs(num_images),
-                ).images
+            for k, (width, height) in enumerate(sizes):
+                picked = list(range(k, num_images, len(sizes)))
+                if not picked:
+                    continue
+                generator = torch.Generator(self.device).manual_seed(seed + k)
+                texts = [prompts[i % len(prompts)] for i in picked]
+                prompt = {"prompt": texts}
+                if self.text_encoders_freed:  # the pipeline takes the cached conditioning (and the empty prompt's)
+                    prompt = self.cached_prompt_embeddings(texts)
+                with self.accelerator.autocast():
+                    made = pipe(
+                        **prompt,
+                        num_inference_steps=self.config.diffusion.num_inference_steps,
+                        guidance_scale=self.options.validation_guidance_scale,
+                        generator=generator,
+                        height=height,
+                        width=width,
+                        **self.validation_inputs(len(picked)),
+                    ).images
+                for i, image in zip(picked, made):
+                    images[i] = image
+        return images
 
     def cached_prompt_embeddings(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Pipeline arguments from cached conditioning: prompt_embeds (pooled_prompt_embeds ...) of the texts and

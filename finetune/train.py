@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from finetune import atomic
+from finetune import atomic, buckets
 from finetune import checkpoint as ckpt
 from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
@@ -170,14 +170,31 @@ def train(config: Config) -> Path:
             getattr(dataset, "repeats", 1),
             max(1, distinct // accelerator.num_processes),
         )
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.train.train_batch_size,
-        shuffle=True,
-        drop_last=True,  # equal batches on every process and every step
-        collate_fn=collate_examples,
-        num_workers=config.data.num_workers,
-    )
+    bucket_sampler = None
+    if config.data.aspect_buckets:
+        # every global batch from one bucket, cut into one slice per process; the order from (seed, epoch)
+        bucket_sampler = buckets.make_sampler(
+            dataset,
+            config.data,
+            method.bucket_multiple(),
+            config.train.train_batch_size,
+            accelerator.num_processes,
+            config.train.seed,
+        )
+        dataloader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, num_workers=config.data.num_workers
+        )
+        if accelerator.is_main_process:
+            buckets.log_table(dataset, bucket_sampler)
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.train.train_batch_size,
+            shuffle=True,
+            drop_last=True,  # equal batches on every process and every step
+            collate_fn=collate_examples,
+            num_workers=config.data.num_workers,
+        )
 
     # optimizer and LR schedule over the trainable parameters only
     modules = method.trainable_modules()
@@ -228,6 +245,8 @@ def train(config: Config) -> Path:
         with atomic.atomic_path(output_dir / "config.yaml") as temporary:
             config.save(temporary)
         truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
+        if bucket_sampler is not None:  # images per bucket
+            buckets.write_json(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
         accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
@@ -276,6 +295,8 @@ def train(config: Config) -> Path:
     while global_step < config.train.max_train_steps:
         dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
+        if bucket_sampler is not None:  # (accelerate's shard of a batch sampler does not pass the epoch on)
+            bucket_sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:

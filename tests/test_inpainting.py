@@ -278,3 +278,8 @@ def test_user_masks_follow_their_images(tiny_inpaint_dir, tmp_path):
         find_masks()
     with pytest.raises(ConfigError, match="user masks need data.center_crop=true"):
         load_config(config.to_dict(), ["data.center_crop=false"])
+
+
+def test_an_inpainting_model_refuses_buckets_before_loading(tiny_inpaint_dir, instance_dir, tmp_path):
+    with pytest.raises(ConfigError, match="inpainting model trains and samples on data.resolution squares"):
+        run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run"), "data.aspect_buckets=true")
