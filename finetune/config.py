@@ -130,8 +130,22 @@ class DataConfig:
         "Never enlarge an image (kohya's --bucket_no_upscale): one smaller than its bucket gets a smaller bucket of "
         "the same shape, the largest it covers (sides rounded down to data.bucket_step).",
     )
+    masked_loss: bool = option(
+        False,
+        "Weight the loss per pixel by each image's mask (white = the subject, trained; kohya's --masked_loss): a "
+        "mask file named in the data.loss_mask_column of metadata, else <name>.mask.png beside the image, else the "
+        "image's alpha channel; an image without one trains everywhere. Mask files are not read as training images.",
+    )
+    loss_mask_column: str = option("mask", "Metadata column naming each image's loss-mask file (data.masked_loss).")
+    unmasked_weight: float = option(
+        0.0, "Loss weight of the area outside the mask (data.masked_loss): 0 ignores it, 1 turns masking off."
+    )
 
     def __post_init__(self):
+        if not 0 <= self.unmasked_weight <= 1:
+            raise ConfigError(f"data.unmasked_weight must be in [0, 1], got {self.unmasked_weight}")
+        if self.masked_loss and self.dataset == "digits":
+            raise ConfigError("data.masked_loss needs images with masks: the digits have none (use an image folder)")
         if self.resolution < 8:
             raise ConfigError(f"data.resolution must be at least 8, got {self.resolution}")
         if self.channels not in (None, 1, 3):

@@ -15,6 +15,7 @@ method uses them; images the metadata does not list are used or skipped (`data.u
 from __future__ import annotations
 
 import codecs
+import copy
 import csv
 import io
 import json
@@ -35,6 +36,7 @@ from finetune.buckets import Bucket, BucketPlan, bucket_name, cover_geometry
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
 from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
+from finetune.masks import LossMasks, is_loss_mask_file
 
 logger = logging.getLogger(__name__)
 
@@ -427,10 +429,11 @@ def read_parquet(path: Path, name: str) -> list[tuple[str, dict | Problem]]:
 READERS = {"metadata.jsonl": read_jsonl, "metadata.csv": read_csv, "metadata.parquet": read_parquet}
 
 
-def _image_files(folder: Path, report: DataReport) -> list[str]:
+def _image_files(folder: Path, report: DataReport, masks: bool = False) -> list[str]:
     """Relative paths of the files named like images, sorted; hidden files and folders are left out (as `datasets`
-    does). Links are not followed into folders (no loops); a link that leads nowhere stays, to be counted as
-    unreadable. A folder named like an image is noted and searched like any folder."""
+    does), and with `masks` the loss masks beside them (`<name>.mask.png`). Links are not followed into folders (no
+    loops); a link that leads nowhere stays, to be counted as unreadable. A folder named like an image is noted and
+    searched like any folder."""
     found = []
     for root, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -438,6 +441,8 @@ def _image_files(folder: Path, report: DataReport) -> list[str]:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 report.notes.append(f"{(Path(root) / name).relative_to(folder).as_posix()}/ is a folder, not an image")
         for name in filenames:
+            if masks and is_loss_mask_file(name):
+                continue
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append((Path(root) / name).relative_to(folder).as_posix())
     return sorted(found)
@@ -471,7 +476,7 @@ def scan_folder(folder: Path, config: DataConfig, columns: Sequence[str] = ()) -
     one. Images the metadata does not list follow data.unlisted_images.
     """
     report = DataReport(str(folder), unlisted_policy=config.unlisted_images)
-    images = _image_files(folder, report)
+    images = _image_files(folder, report, masks=config.masked_loss)
     report.total = len(images)
     checks = column_checks(config, columns)
     report.uses_captions = config.caption_column in checks
@@ -489,6 +494,9 @@ def scan_folder(folder: Path, config: DataConfig, columns: Sequence[str] = ()) -
         report.metadata, report.bad_noun = ".txt captions", "caption file"
         values, excluded = _read_sidecars(folder, images, config, report)
         keys = {config.caption_column}
+    if config.masked_loss:  # the loss masks the metadata names are not training images either
+        masks = {v.get(config.loss_mask_column) for v in values.values()}
+        images = [i for i in images if i not in masks]
     paths = sorted((set(images) | set(values)) - excluded)
     unlisted = [p for p in paths if p not in values] if listed else []
     if config.label_column in checks and unlisted:
@@ -673,6 +681,9 @@ class ImageRecords(torch.utils.data.Dataset):
         self.report = report
         self.image_sources = records[config.image_column]
         self.column_values = {c: records[c] for c in self.columns}
+        mask_column = config.loss_mask_column
+        if config.masked_loss and mask_column not in self.columns and mask_column in records.column_names:
+            self.column_values[mask_column] = records[mask_column]  # (read by LossMasks, not put in examples)
         excluded = report.excluded_rows if report is not None else set()
         self.indices = [i for i in range(len(records)) if i not in excluded]
         self.skipped: list[tuple[int, str, str]] = []
@@ -881,9 +892,19 @@ class ImageRecords(torch.utils.data.Dataset):
             self.image_sizes[row] = (width, height)
         return self.image_sizes[row]
 
+    @property
+    def loss_masks(self) -> LossMasks | None:
+        """Each row's loss mask (data.masked_loss), found and checked once."""
+        if not self.config.masked_loss:
+            return None
+        if getattr(self, "_loss_masks", None) is None:
+            self._loss_masks = LossMasks.find(self, self.config)
+        return self._loss_masks
+
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
         bucket = self.row_buckets[row] if self.row_buckets is not None else None  # (w, h) with buckets, else None
+        mask_rng = copy.deepcopy(rng) if self.config.masked_loss else None  # the mask is cut with the same draws
         if self.decode_pixels:
             row, image = self.open_row(index)
             sizes: dict[str, torch.Tensor] = {}
@@ -918,6 +939,8 @@ class ImageRecords(torch.utils.data.Dataset):
                 **size_conditioning(size, new_size, corner, bucket or resolution, flipped),
             }
         example.update({c: self.column_values[c][row] for c in self.columns})
+        if mask_rng is not None:
+            example["loss_mask"] = self.loss_masks.cut(row, mask_rng, bucket)
         return example
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from finetune.config import ConfigError, option
 from finetune.imaging import IMAGE_EXTENSIONS, open_image, record_path
@@ -227,3 +227,105 @@ class InpaintingMasks:
             "mask_image": [Image.new("L", size, 255)] * num_images,  # everything repainted
             "strength": 1.0,
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss masks (data.masked_loss): where the loss counts
+# ---------------------------------------------------------------------------------------------------------------------
+LOSS_MASK_SUFFIX = ".mask"  # <name>.mask.png beside <name>.jpg
+
+
+def is_loss_mask_file(name: str) -> bool:
+    """`photo.mask.png`: a loss mask beside `photo.<ext>`, never a training image of its own."""
+    path = Path(name)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.lower().endswith(LOSS_MASK_SUFFIX)
+
+
+ALPHA = "alpha"  # the mask is the image's own alpha channel
+
+
+class LossMasks:
+    """Each training image's loss mask (white = counts): a file named in the metadata column, a `<name>.mask.png`
+    beside the image, or the image's alpha channel; none: the whole image counts. Cut with the image: the same
+    resize, crop (its draws replayed from a copy of the example's generator), bucket and flip."""
+
+    def __init__(self, records, config, sources: dict[int, Any]):
+        self.records, self.config, self.sources = records, config, sources
+
+    @classmethod
+    def find(cls, records, config) -> LossMasks:
+        """Every row's mask, checked before training: a listed or sidecar mask must be readable and of its image's
+        size (one line naming the files otherwise); the counts go to the log."""
+        folder = Path(records.source_name).expanduser()
+        column = config.loss_mask_column
+        listed = records.column_values.get(column)
+        sources, wrong, counts = {}, [], {"file": 0, "alpha": 0, "none": 0}
+        for row in records.indices:
+            image_source = records.image_sources[row]
+            name = record_path(image_source)
+            source = None
+            value = listed[row] if listed is not None else None
+            if isinstance(value, str) and value:
+                source = Path(value) if Path(value).is_absolute() else folder / value
+            elif name:
+                beside = sorted(Path(name).parent.glob(f"{Path(name).stem}{LOSS_MASK_SUFFIX}.*"))
+                source = next((p for p in beside if p.suffix.lower() in IMAGE_EXTENSIONS), None)
+            if source is not None:
+                try:
+                    mask_size = open_image(source).size
+                    image_size = open_image(image_source).size
+                except Exception as err:  # noqa: BLE001 - every bad mask is reported at once
+                    wrong.append(f"{Path(str(source)).name}: unreadable ({type(err).__name__})")
+                    continue
+                if mask_size != image_size:
+                    wrong.append(f"{Path(str(source)).name}: {mask_size[0]}x{mask_size[1]}, its image {image_size}")
+                sources[row] = source
+                counts["file"] += 1
+            elif _has_alpha(image_source):
+                sources[row] = ALPHA
+                counts["alpha"] += 1
+            else:
+                counts["none"] += 1
+        if wrong:
+            raise ConfigError(f"data.masked_loss: bad loss masks in {records.source_name!r}: {'; '.join(wrong[:5])}")
+        logger.info(
+            "masked loss: %d mask file(s), %d alpha channel(s), %d image(s) without a mask (trained everywhere) in %s",
+            counts["file"],
+            counts["alpha"],
+            counts["none"],
+            records.source_name,
+        )
+        return cls(records, config, sources)
+
+    def cut(self, row: int, rng: np.random.Generator, bucket=None) -> torch.Tensor:
+        """[1, H, W] in [0, 1], cut exactly as the row's image (`rng`: a copy of the generator before its cut)."""
+        from finetune.data import image_to_tensor
+
+        config = self.config
+        source = self.sources.get(row)
+        if source is None:
+            width, height = bucket or (config.resolution, config.resolution)
+            return torch.ones(1, height, width)
+        if source == ALPHA:
+            image = ImageOps.exif_transpose(open_image(self.records.image_sources[row]))
+            mask = image.convert("RGBA").getchannel("A")
+        else:
+            mask = ImageOps.exif_transpose(open_image(source)).convert("L")
+        resolution, crop, flip = config.resolution, config.center_crop, config.random_flip
+        pixels, _ = image_to_tensor(mask, resolution, 1, rng, crop, flip, None, bucket)
+        return ((pixels + 1) / 2).clamp(0, 1)
+
+
+def _has_alpha(source: Any) -> bool:
+    try:
+        image = open_image(source)
+    except Exception:  # noqa: BLE001 - unreadable images are the data layer's to count
+        return False
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def pixel_loss_weights(loss_mask: torch.Tensor, size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights from image-space masks [B, 1, H, W]: the mask averaged over each latent pixel's
+    area, the outside weighted `unmasked_weight` (kohya's masked loss, with a floor)."""
+    mask = torch.nn.functional.interpolate(loss_mask.float(), size=size, mode="area")
+    return unmasked_weight + (1.0 - unmasked_weight) * mask

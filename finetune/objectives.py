@@ -125,9 +125,17 @@ def combined_weights(*weights: torch.Tensor | None) -> torch.Tensor | None:
     return product
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Per-example MSE averaged over the batch, each example multiplied by its weight (None: unweighted)."""
+def weighted_mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    pixel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-example MSE averaged over the batch, each example multiplied by its weight (None: unweighted); with
+    `pixel_weights` ([B, 1, h, w], the masked loss) each squared error is weighted where it lies first."""
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if pixel_weights is not None:
+        per_example = per_example * pixel_weights.to(per_example.device)
     per_example = per_example.mean(dim=tuple(range(1, per_example.ndim)))
     if weights is None:
         return per_example.mean()

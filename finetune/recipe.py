@@ -299,6 +299,11 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
     options = build_dataclass(method_cls.Options, raw.get(method), method)
     config = Config(method=method, method_options=options, **sections)
     method_cls.check_config(config)  # combinations that only this method knows are impossible
+    if config.data.masked_loss and not hasattr(method_cls, "bucket_multiple"):
+        raise ConfigError(
+            f"data.masked_loss: the {method} method has no masked loss; it is for the text-to-image methods (lora, "
+            "dreambooth, textual_inversion). Set data.masked_loss=false"
+        )
     if config.data.aspect_buckets and not hasattr(method_cls, "bucket_multiple"):
         raise ConfigError(
             f"data.aspect_buckets: the {method} method trains on data.resolution squares; aspect-ratio buckets are "

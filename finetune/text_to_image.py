@@ -30,7 +30,7 @@ from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
 from finetune.families import local_family, pipeline_class_name, resolve_family
 from finetune.families.base import Family
-from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks
+from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks, pixel_loss_weights
 from finetune.methods.base import Method, eval_mode
 from finetune.objectives import batch_weights, combined_weights, weighted_mse
 
@@ -224,6 +224,8 @@ class TextToImageMethod(Method):
         source = self.build_source()
         self.inpainting = self.family.is_inpainting(self.base_pipeline_class())
         self.prepare_masks(source)  # user masks are checked before the models load
+        if self.config.data.masked_loss:  # loss masks too (the prior-preservation wrapper adds class images later)
+            _ = source.loss_masks
         for name, part in self.load_components().items():
             setattr(self, name, part)
         # DDPM families predict epsilon, v or x0; flow matching always the velocity
@@ -548,8 +550,12 @@ class TextToImageMethod(Method):
         prediction = self.predict(noisy, timesteps, batch)
         target = self.objective.target(clean, noise, timesteps)
 
-        # loss: per-example MSE, weighted (min-SNR, prior preservation), averaged over the batch
-        return weighted_mse(prediction, target, self.loss_weights(timesteps, batch)), {}
+        # loss: per-example MSE, weighted (min-SNR, prior preservation; per pixel by the loss masks), batch-averaged
+        pixel_weights = None
+        if "loss_mask" in batch:
+            size = tuple(target.shape[-2:])
+            pixel_weights = pixel_loss_weights(batch["loss_mask"], size, self.config.data.unmasked_weight)
+        return weighted_mse(prediction, target, self.loss_weights(timesteps, batch), pixel_weights), {}
 
     def model_input(self, noisy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """What the denoiser takes besides the time and the text: the noisy latents, and for an inpainting model the
