@@ -319,6 +319,12 @@ def load_pipeline(
     components = {}
     if unet is not None:
         components["unet"] = load_unet(str(unet), index, base, torch_dtype)
+    # a component the folder was saved without (an SD3 pipeline without T5: [null, null] in model_index.json) that
+    # the class does not list as optional: diffusers refuses to load it unless it is named as None
+    optional = set(getattr(cls, "_optional_components", ()))
+    for name, spec in index.items():
+        if not name.startswith("_") and isinstance(spec, list) and spec == [None, None] and name not in optional:
+            components.setdefault(name, None)
     pipe = cls.from_pretrained(base, revision=revision, use_safetensors=True, dtype=torch_dtype, **components)
 
     if scheduler is not None:
