@@ -29,15 +29,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(ACCELERATE) -m finetune finetune/recipes/digits_unconditional.yaml
 
-# the miniature text-to-image model (autoencoder, then latent diffusion with the nines held out), ~12 min on 2 cores
+# the miniature text-to-image models, nines held out: the autoencoder, then on its latents the UNet (DDPM,
+# StableDiffusionPipeline) and the SD3 transformer (flow matching, StableDiffusion3Pipeline); see README for times
 miniature: $(STAMP)
 	test -f outputs/digits-autoencoder/config.json || \
 		$(ACCELERATE) -m finetune finetune/recipes/digits_autoencoder.yaml
 	$(ACCELERATE) -m finetune finetune/recipes/digits_text_to_image.yaml
+	$(ACCELERATE) -m finetune finetune/recipes/digits_flow_text_to_image.yaml
 
-# what LoRA, DreamBooth (+prior, LoRA) and Textual Inversion teach the miniature model: results.md and PNG grids
+# what LoRA, DreamBooth (+prior, LoRA) and Textual Inversion teach each miniature model, side by side: results.md
+# and PNG grids
 bench-digits: $(STAMP)
-	test -f outputs/digits-text-to-image/model_index.json || $(MAKE) miniature
+	test -f outputs/digits-autoencoder/config.json || \
+		$(ACCELERATE) -m finetune finetune/recipes/digits_autoencoder.yaml
+	test -f outputs/digits-text-to-image/model_index.json || \
+		$(ACCELERATE) -m finetune finetune/recipes/digits_text_to_image.yaml
+	test -f outputs/digits-flow-text-to-image/model_index.json || \
+		$(ACCELERATE) -m finetune finetune/recipes/digits_flow_text_to_image.yaml
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m benchmarks.bench_digits_finetune --overwrite
 
 # two workers, one thread each: the suite's jobs are small, so two at once use both cores better than one job with

@@ -1,6 +1,8 @@
-"""What each fine-tuning method teaches the miniature text-to-image model (finetune/recipes/digits_text_to_image.yaml).
+"""What each fine-tuning method teaches the miniature text-to-image models, side by side: the UNet miniature
+(finetune/recipes/digits_text_to_image.yaml, DDPM, a StableDiffusionPipeline) and the flow-matching miniature
+(finetune/recipes/digits_flow_text_to_image.yaml, an SD3 transformer, a StableDiffusion3Pipeline).
 
-The miniature model never saw a nine. Each method gets a handful of nines under a new token and is measured on:
+Neither miniature model ever saw a nine. Each method gets a handful of nines under a new token and is measured on:
 
 - fidelity: the fraction of images for "a handwritten digit <token>" that the digits classifier reads as a nine;
 - prior preservation: the fraction of images for the other digits' prompts ("a handwritten digit seven") still read
@@ -8,12 +10,15 @@ The miniature model never saw a nine. Each method gets a handful of nines under 
 - training time, steps, and the size of what it saves.
 
 A style (thick strokes) is taught with LoRA too, measured by a second small classifier (thin vs thick strokes) on
-images drawn with and without the style's trigger.
+images drawn with and without the style's trigger. Every method runs on both base models with the same recipe,
+except Textual Inversion, which StableDiffusion3Pipeline cannot load (no `load_textual_inversion`).
 
-    python -m benchmarks.bench_digits_finetune            # trains the miniature model first when it is missing
-    make bench-digits                                     # the same
+    python -m benchmarks.bench_digits_finetune            # trains the miniature models first when they are missing
+    python -m benchmarks.bench_digits_finetune --models flow   # one base model only
+    make bench-digits                                     # the same as the first
 
-Writes <work>/results.md (the table) and <work>/grid_<method>.png (rows: the new token, then digits 0-8).
+Writes <work>/results.md (the tables, one column pair per base model), <work>/results.json, and
+<work>/grid_<method>.png (UNet) / <work>/grid_flow_<method>.png (rows: the new token, then digits 0-8).
 """
 
 from __future__ import annotations
@@ -74,6 +79,30 @@ TEACHINGS = [
     Teaching("Textual Inversion", "digits_teach_textual_inversion.yaml", "data.dataset", "embeddings", PLACEHOLDER),
 ]
 STYLE = Teaching("style LoRA (thick strokes)", "digits_style_lora.yaml", "data.dataset", "lora", STYLE_TRIGGER)
+
+
+@dataclass
+class BaseModel:
+    """One miniature base model of the benchmark: the recipe that trains it and what its runs add to each recipe."""
+
+    key: str  # "unet" or "flow": the --models name, the results' "model" field
+    label: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)  # for every fine-tuning run on it
+    grid_prefix: str = ""
+
+
+BASE_MODELS = {
+    "unet": BaseModel("unet", "UNet (DDPM)", "digits_text_to_image.yaml"),
+    # saved without T5: the fine-tuning runs leave it out too
+    "flow": BaseModel(
+        "flow",
+        "SD3 transformer (flow matching)",
+        "digits_flow_text_to_image.yaml",
+        ["model.drop_text_encoders=[text_encoder_3]"],
+        "flow_",
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -203,12 +232,18 @@ def run_recipe(recipe: Path, overrides: list[str], in_process: bool) -> float:
     return time.perf_counter() - started
 
 
-def build_miniature(base: Path, overrides: list[str], in_process: bool) -> dict[str, float]:
-    """Train the miniature model (autoencoder, then latent diffusion) into `base`; seconds per stage."""
-    vae = base.parent / f"{base.name}-autoencoder"
-    times = {"autoencoder_s": run_recipe(RECIPES / "digits_autoencoder.yaml", [f"train.output_dir={vae}"], in_process)}
-    times["text_to_image_s"] = run_recipe(
-        RECIPES / "digits_text_to_image.yaml",
+def build_miniature(
+    model: BaseModel, base: Path, vae: Path, overrides: list[str], in_process: bool
+) -> dict[str, float]:
+    """Train a miniature model into `base` (and the autoencoder into `vae` first when it is missing); seconds per
+    stage."""
+    times = {}
+    if not (vae / "config.json").is_file():
+        times["autoencoder_s"] = run_recipe(
+            RECIPES / "digits_autoencoder.yaml", [f"train.output_dir={vae}"], in_process
+        )
+    times[f"{model.key}_s"] = run_recipe(
+        RECIPES / model.recipe,
         [f"train.output_dir={base}", f"latent_diffusion.vae={vae}", *overrides],
         in_process,
     )
@@ -216,17 +251,22 @@ def build_miniature(base: Path, overrides: list[str], in_process: bool) -> dict[
 
 
 def load(base: Path, teaching: Teaching | None, output: Path | None):
-    from diffusers import StableDiffusionPipeline
-
+    """The base model, or it with what a teaching run saved (a LoRA, embeddings, or a whole pipeline)."""
     from pipelines.load import load_pipeline
 
     if teaching is None:
         return load_pipeline(base, device="cpu", dtype="float32")
     if teaching.loads_as == "pipeline":
-        pipe = StableDiffusionPipeline.from_pretrained(output, safety_checker=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_pipeline(output, device="cpu", dtype="float32")
     return load_pipeline(base, device="cpu", dtype="float32", **{teaching.loads_as: str(output)})
+
+
+def loads_embeddings(base: Path) -> bool:
+    """Whether the base model's pipeline class takes Textual Inversion embeddings (StableDiffusion3Pipeline does
+    not)."""
+    from pipelines.load import pipeline_class_for, read_model_index
+
+    return hasattr(pipeline_class_for(read_model_index(str(base)), str(base)), "load_textual_inversion")
 
 
 def saved_bytes(output: Path, teaching: Teaching) -> int:
@@ -287,37 +327,68 @@ def grid(images: torch.Tensor, per_prompt: int, columns: int, path: Path) -> Non
 def run_benchmark(args: argparse.Namespace) -> str:
     from finetune.digits_classifier import load_digits_classifier
 
-    base, work = Path(args.base), Path(args.work)
+    work = Path(args.work)
     if work.exists():
         if not args.overwrite:
             raise SystemExit(f"{work} exists: pass --overwrite to replace it, or choose another --work")
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    bases = {"unet": Path(args.base), "flow": Path(args.flow_base)}
     setup_times = {}
-    if not (base / "model_index.json").is_file():
-        logger.info("no miniature model at %s: training it (autoencoder, then latent diffusion)", base)
-        setup_times = build_miniature(base, args.base_overrides, args.in_process)
+    for key in args.models:
+        if not (bases[key] / "model_index.json").is_file():
+            logger.info("no %s miniature model at %s: training it", key, bases[key])
+            setup_times.update(
+                build_miniature(BASE_MODELS[key], bases[key], Path(args.vae), args.base_overrides, args.in_process)
+            )
     data = prepare_data(work, args.num_instance, args.resolution, args.seed)
     sampling = Sampling(args.per_prompt, args.steps, args.guidance_scale, args.resolution, args.seed)
     classifier = load_digits_classifier()
     style_classifier, style_accuracy = train_style_classifier(args.seed)
+    rows = []
+    for key in args.models:
+        rows += benchmark_model(BASE_MODELS[key], bases[key], work, data, sampling, classifier, style_classifier, args)
 
+    report = markdown(rows, setup_times, style_accuracy, args)
+    (work / "results.md").write_text(report)
+    (work / "results.json").write_text(json.dumps({"rows": rows, "setup_s": setup_times}, indent=2))
+    return report
+
+
+def benchmark_model(
+    model: BaseModel,
+    base: Path,
+    work: Path,
+    data: dict[str, Path],
+    sampling: Sampling,
+    classifier,
+    style_classifier,
+    args: argparse.Namespace,
+) -> list[dict]:
+    """The rows of one base model: the model itself, then each method's run on it (results tagged with the model's
+    key)."""
+    runs = work if model.key == "unet" else work / model.key
     rows = []
     pipe = load(base, None, None)
     scores, images = digit_scores(pipe, classifier, f"a handwritten digit {TRIGGER}", sampling)
     before = scores["prior_accuracy"]
-    grid(images, sampling.per_prompt, args.grid_columns, work / "grid_base.png")
+    grid(images, sampling.per_prompt, args.grid_columns, work / f"grid_{model.grid_prefix}base.png")
     style = style_scores(pipe, style_classifier, sampling)
-    rows.append({"method": "miniature model, no fine-tuning", **scores, **style})
+    rows.append({"model": model.key, "method": "miniature model, no fine-tuning", **scores, **style})
     del pipe
 
+    embeddings = loads_embeddings(base)
     for teaching in [t for t in TEACHINGS if args.methods is None or t.label in args.methods] + [STYLE]:
-        output = work / teaching.recipe.removesuffix(".yaml")
+        if teaching.loads_as == "embeddings" and not embeddings:
+            logger.info("%s: the %s base model's pipeline takes no embeddings: skipped", teaching.label, model.key)
+            continue
+        output = runs / teaching.recipe.removesuffix(".yaml")
         folder = data["style"] if teaching is STYLE else data["instance"]
         overrides = [
             f"model.pretrained_model_name_or_path={base}",
             f"{teaching.data_key}={folder}",
             f"train.output_dir={output}",
+            *model.overrides,
             *teaching.extra,
             *args.teach_overrides,
         ]
@@ -325,6 +396,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         steps = _steps_from_log(output)
         pipe = load(base, teaching, output)
         row = {
+            "model": model.key,
             "method": teaching.label,
             "steps": steps,
             "train_s": seconds,
@@ -336,16 +408,13 @@ def run_benchmark(args: argparse.Namespace) -> str:
         else:
             scores, images = digit_scores(pipe, classifier, teaching.prompt, sampling)
             row.update(scores)
-            grid(images, sampling.per_prompt, args.grid_columns, work / f"grid_{output.name}.png")
+            grid_path = work / f"grid_{model.grid_prefix}{output.name}.png"
+            grid(images, sampling.per_prompt, args.grid_columns, grid_path)
         row["prior_before"] = before
         rows.append(row)
         del pipe
         logger.info("%s", row)
-
-    report = markdown(rows, setup_times, style_accuracy, args)
-    (work / "results.md").write_text(report)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "setup_s": setup_times}, indent=2))
-    return report
+    return rows
 
 
 def _steps_from_log(output: Path) -> int | None:
@@ -355,70 +424,110 @@ def _steps_from_log(output: Path) -> int | None:
 
 
 def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: argparse.Namespace) -> str:
+    """Two tables (teaching the nine; the style), one row per method and, in each cell, one value per base model
+    ("UNet / flow"), so that the base models read side by side."""
+    models = [m for m in BASE_MODELS if any(r["model"] == m for r in rows)]
+    by_method: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[row["model"]] = row
+
     def pct(value):
         return "" if value is None else f"{100 * value:.0f}%"
 
     def kib(value):
         return "" if value is None else f"{value:,.1f}" if value < 10 else f"{value:,.0f}"
 
+    def seconds(value):
+        return "" if value is None else f"{value:.0f}"
+
+    def prior(row):
+        before = row.get("prior_before")
+        return pct(row["prior_accuracy"]) if before is None else f"{pct(before)} → {pct(row['prior_accuracy'])}"
+
+    def cell(per_model: dict[str, dict], show) -> str:
+        values = [show(per_model[m]) if m in per_model else "—" for m in models]
+        if len(set(values)) == 1 and len(values) > 1 and values[0] == "":
+            return ""
+        return " / ".join(values)
+
+    def steps(per_model):
+        values = {per_model[m].get("steps") for m in models if m in per_model}
+        return cell(per_model, lambda r: str(r.get("steps") or "")) if len(values) > 1 else str(values.pop() or "")
+
+    names = " / ".join(BASE_MODELS[m].label for m in models)
     lines = [
-        f"Teaching the miniature model the held-out digit ({DIGIT_NAMES[HELD_OUT]}) from {args.num_instance} images; "
-        f"{args.per_prompt} images per prompt, {args.steps} DDIM steps, guidance {args.guidance_scale}.",
+        f"Teaching the miniature models the held-out digit ({DIGIT_NAMES[HELD_OUT]}) from {args.num_instance} images; "
+        f"{args.per_prompt} images per prompt, {args.steps} sampling steps (DDIM for the UNet, Euler for flow "
+        f"matching), guidance {args.guidance_scale}. Each cell: {names}.",
         "",
         "| method | steps | train time (s) | saved size (KiB) | fidelity: new token read as "
         f"{HELD_OUT} | other digits correct (before → after) |",
         "|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        if "fidelity" not in row:
+    for method, per_model in by_method.items():
+        if not any("fidelity" in r for r in per_model.values()):
             continue
-        before = row.get("prior_before")
-        prior = pct(row["prior_accuracy"]) if before is None else f"{pct(before)} → {pct(row['prior_accuracy'])}"
-        steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
         lines.append(
-            f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
-            f"{kib(size)} | {pct(row['fidelity'])} | {prior} |"
+            f"| {method} | {steps(per_model)} | {cell(per_model, lambda r: seconds(r.get('train_s')))} | "
+            f"{cell(per_model, lambda r: kib(r.get('size_kb')))} | {cell(per_model, lambda r: pct(r['fidelity']))} | "
+            f"{cell(per_model, prior)} |"
         )
     lines += [
         "",
         f"Style (thick strokes, trigger '{STYLE_TRIGGER} style'); style classifier accuracy on held-out digits "
-        f"{pct(style_accuracy)}.",
+        f"{pct(style_accuracy)}. Each cell: {names}.",
         "",
         "| model | steps | train time (s) | saved size (KiB) | thick, prompt with trigger | thick, prompt without | "
         "digits correct |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        if "thick_with_trigger" not in row:
+    for method, per_model in by_method.items():
+        if not any("thick_with_trigger" in r for r in per_model.values()):
             continue
-        steps, seconds, size = row.get("steps"), row.get("train_s"), row.get("size_kb")
         lines.append(
-            f"| {row['method']} | {steps or ''} | {'' if seconds is None else f'{seconds:.0f}'} | "
-            f"{kib(size)} | {pct(row['thick_with_trigger'])} | "
-            f"{pct(row['thick_without_trigger'])} | {pct(row['prior_accuracy'])} |"
+            f"| {method} | {steps(per_model)} | {cell(per_model, lambda r: seconds(r.get('train_s')))} | "
+            f"{cell(per_model, lambda r: kib(r.get('size_kb')))} | "
+            f"{cell(per_model, lambda r: pct(r['thick_with_trigger']))} | "
+            f"{cell(per_model, lambda r: pct(r['thick_without_trigger']))} | "
+            f"{cell(per_model, lambda r: pct(r['prior_accuracy']))} |"
         )
     if setup_times:
-        lines += ["", "Miniature model trained first: " + ", ".join(f"{k} {v:.0f}" for k, v in setup_times.items())]
+        lines += ["", "Trained first (s): " + ", ".join(f"{k} {v:.0f}" for k, v in setup_times.items())]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--base", default="outputs/digits-text-to-image", help="the miniature model (trained if absent)"
+        "--base", default="outputs/digits-text-to-image", help="the UNet miniature model (trained if absent)"
+    )
+    parser.add_argument(
+        "--flow-base",
+        default="outputs/digits-flow-text-to-image",
+        help="the flow-matching miniature model (trained if absent)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(BASE_MODELS),
+        default=list(BASE_MODELS),
+        help="the base models to fine-tune (default: both, side by side)",
+    )
+    parser.add_argument(
+        "--vae", default="outputs/digits-autoencoder", help="the autoencoder a missing miniature is trained on"
     )
     parser.add_argument("--work", default="outputs/bench-digits-finetune", help="folder of runs, table and grids")
     parser.add_argument("--overwrite", action="store_true", help="replace --work if it exists")
     parser.add_argument("--num-instance", type=int, default=5, help="images of the held-out digit to teach from")
     parser.add_argument("--per-prompt", type=int, default=32, help="images generated per prompt")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (DDIM or flow-matching Euler)")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method labels")
     parser.add_argument("--teach-overrides", nargs="*", default=[], help="overrides for every teaching run")
-    parser.add_argument("--base-overrides", nargs="*", default=[], help="overrides when training the base model")
+    parser.add_argument("--base-overrides", nargs="*", default=[], help="overrides when training a missing base model")
     parser.add_argument("--in-process", action="store_true", help="train in this process (tests)")
     return parser.parse_args(argv)
 

@@ -148,6 +148,8 @@ def test_fine_tuning_benchmark_runs_every_method(miniature):
             [
                 "--base",
                 str(miniature["base"]),
+                "--models",
+                "unet",  # the flow miniature's rows: tests/test_flow_miniature.py
                 "--work",
                 str(work),
                 "--per-prompt",

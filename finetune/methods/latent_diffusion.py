@@ -1,15 +1,24 @@
-"""Latent diffusion from scratch (Rombach et al. 2022): a text-conditioned UNet on a trained autoencoder's latents.
+"""Latent diffusion from scratch (Rombach et al. 2022): a text-conditioned denoiser on a trained autoencoder's latents.
 
-Trains: a new `UNet2DConditionModel` on the scaled latents of an `AutoencoderKL` (`vae`: the `autoencoder` method's
-output, or any pipeline's VAE), conditioned through cross-attention on a CLIP text encoder: a new one built from
-the text_* options with the given tokenizer (trained with the UNet, or frozen at its random initialisation), or a
-pretrained one. Loss: the family's diffusion objective (DDPM) on latents. Saves: a complete
-`StableDiffusionPipeline` folder that plain diffusers loads and samples, and that every fine-tuning method here
-(LoRA, DreamBooth, Textual Inversion) takes as its base model.
+The family (`model.family`) names the denoiser, its text encoders, objective and pipeline, as it does for every
+text-to-image method:
+
+- `sd` (the default): a new `UNet2DConditionModel` conditioned through cross-attention on a CLIP text encoder (a new
+  one built from the text_* options, trained with the UNet or frozen at its random initialisation, or a pretrained
+  one); DDPM objective; saves a `StableDiffusionPipeline` folder.
+- `sd3`: a new `SD3Transformer2DModel` (MMDiT, Esser et al. 2024) conditioned on two new CLIPTextModelWithProjection
+  encoders built from the text_* options (no T5: its sequence is zeros, as StableDiffusion3Pipeline runs without
+  one); the family's rectified-flow objective; saves a `StableDiffusion3Pipeline` folder with
+  FlowMatchEulerDiscreteScheduler (load it with `text_encoder_3=None, tokenizer_3=None`).
+
+Both train on the scaled latents of an `AutoencoderKL` (`vae`: the `autoencoder` method's output, or any pipeline's
+VAE), and the saved folder is one that plain diffusers loads and samples, and that the fine-tuning methods here
+(LoRA, DreamBooth) take as their base model.
 
 On the embedded digits the captions are written from each image's label with `caption_templates` ("a handwritten
 digit seven", "the number seven", ...; a template without '{}' is a generic caption), and `holdout_digits` keeps
-whole classes out of training: the miniature model of `finetune/recipes/digits_text_to_image.yaml`, on which
+whole classes out of training: the miniature models of `finetune/recipes/digits_text_to_image.yaml` (UNet) and
+`finetune/recipes/digits_flow_text_to_image.yaml` (flow-matching transformer), on which
 `benchmarks/bench_digits_finetune.py` measures what each fine-tuning method teaches.
 """
 
@@ -57,26 +66,43 @@ class LatentDiffusionOptions(TextToImageOptions):
     )
     text_encoder: str | None = option(
         None,
-        "A pretrained CLIPTextModel (folder or Hub id, or a pipeline's). None: a new one from the text_* options.",
+        "A pretrained CLIPTextModel (folder or Hub id, or a pipeline's). None: a new one from the text_* options. "
+        "Family sd only (sd3 builds its two CLIP encoders from the text_* options).",
     )
     max_text_length: int | None = option(
         None,
         "Prompt length in tokens (the tokenizer's model_max_length, saved with it, and a new text encoder's "
         "positions). None: the tokenizer's own (CLIP: 77). Short captions train several times faster with 16.",
     )
-    train_text_encoder: bool = option(True, "Train the text encoder with the UNet (False: keep it frozen).")
-    text_hidden_size: int = option(64, "Width of a new text encoder (also the UNet's cross-attention width).")
+    train_text_encoder: bool = option(
+        True, "Train the text encoder(s) with the denoiser (False: keep them frozen at their initialisation)."
+    )
+    text_hidden_size: int = option(
+        64,
+        "Width of a new text encoder: the UNet's cross-attention width (sd); each of the two CLIP encoders' width and "
+        "projection (sd3: the transformer's joint-attention width is twice it, as is its pooled projection).",
+    )
     text_layers: int = option(2, "Transformer layers of a new text encoder.")
     text_heads: int = option(4, "Attention heads of a new text encoder.")
     text_intermediate_size: int = option(256, "MLP width of a new text encoder.")
     block_out_channels: list[int] = option(
-        default_factory=lambda: [64, 128], help="UNet channels per resolution level (each halves the latent size)."
+        default_factory=lambda: [64, 128],
+        help="sd: UNet channels per resolution level (each halves the latent size).",
     )
-    layers_per_block: int = option(1, "UNet ResNet layers per level.")
-    attention_head_dim: int = option(8, "UNet attention head width.")
-    norm_num_groups: int = option(32, "UNet GroupNorm groups (must divide every channel count).")
+    layers_per_block: int = option(1, "sd: UNet ResNet layers per level.")
+    attention_head_dim: int = option(8, "sd: UNet attention head width.")
+    norm_num_groups: int = option(32, "sd: UNet GroupNorm groups (must divide every channel count).")
     cross_attention_levels: list[bool] | None = option(
-        None, "Which UNet levels (down, from the top) have cross-attention. None: all of them."
+        None, "sd: which UNet levels (down, from the top) have cross-attention. None: all of them."
+    )
+    patch_size: int = option(1, "sd3: the transformer's patch side in latent pixels (1: one token per latent pixel).")
+    transformer_layers: int = option(4, "sd3: MMDiT blocks of the transformer.")
+    transformer_heads: int = option(4, "sd3: attention heads (the width is heads x head dim).")
+    transformer_head_dim: int = option(16, "sd3: attention head width.")
+    flow_shift: float = option(
+        1.0,
+        "sd3: the flow-matching scheduler's timestep shift (SD3 uses 3.0 for 128x128 latents; small latents need "
+        "little or none). The training sigmas and the saved sampler both use it.",
     )
     caption_templates: list[str] = option(
         default_factory=lambda: list(DIGIT_CAPTION_TEMPLATES),
@@ -94,6 +120,11 @@ class LatentDiffusionOptions(TextToImageOptions):
                 "latent_diffusion.vae is required: an AutoencoderKL folder, e.g. the output of "
                 "finetune/recipes/digits_autoencoder.yaml"
             )
+        for name in ("patch_size", "transformer_layers", "transformer_heads", "transformer_head_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"latent_diffusion.{name} must be >= 1, got {getattr(self, name)}")
+        if self.flow_shift <= 0:
+            raise ConfigError(f"latent_diffusion.flow_shift must be positive, got {self.flow_shift}")
         if not self.block_out_channels or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(
                 f"latent_diffusion.norm_num_groups={self.norm_num_groups} must divide every channel count of "
@@ -120,6 +151,11 @@ class LatentDiffusionOptions(TextToImageOptions):
             raise ConfigError("latent_diffusion.holdout_digits holds out every digit: nothing is left to train on")
         if not self.caption_templates:
             raise ConfigError("latent_diffusion.caption_templates is empty: give at least one, e.g. 'the digit {}'")
+
+
+def built_family(config: Config) -> str:
+    """The family latent_diffusion builds: model.family, or sd when it is 'auto' (there is no base model to read)."""
+    return "sd" if config.model.family == "auto" else config.model.family
 
 
 def digit_prompt(digit: int, template: str = DIGIT_CAPTION_TEMPLATES[0]) -> str:
@@ -150,9 +186,16 @@ def generate_images(
     return torch.cat(images)
 
 
+# the families a model can be built for from scratch here, and the denoiser each builds
+BUILDS = {"sd": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel"}
+
+
 class LatentDiffusion(TextToImageMethod):
     name = "latent_diffusion"
-    summary = "text-to-image latent diffusion from scratch (UNet2DConditionModel + CLIP text encoder on a VAE)"
+    summary = (
+        "text-to-image latent diffusion from scratch on a VAE: UNet2DConditionModel + CLIP (family sd), or "
+        "SD3Transformer2DModel + two CLIP encoders with flow matching (family sd3)"
+    )
     Options = LatentDiffusionOptions
 
     @classmethod
@@ -163,6 +206,21 @@ class LatentDiffusion(TextToImageMethod):
             raise ConfigError(
                 f"latent_diffusion.holdout_digits={options.holdout_digits} only applies to data.dataset=digits"
             )
+        family = built_family(config)
+        if family not in BUILDS:
+            builds = ", ".join(f"{name} ({denoiser})" for name, denoiser in BUILDS.items())
+            raise ConfigError(f"model.family={family!r}: latent_diffusion builds {builds}")
+        if family == "sd3":
+            if options.text_encoder:
+                raise ConfigError(
+                    "latent_diffusion.text_encoder: an sd3 model builds its two CLIP text encoders from the text_* "
+                    "options; a pretrained CLIPTextModel is for family sd. Remove latent_diffusion.text_encoder."
+                )
+            if config.diffusion.prediction_type is not None:
+                raise ConfigError(
+                    "diffusion.prediction_type: an sd3 model trains with flow matching (the velocity is the target); "
+                    "remove diffusion.prediction_type"
+                )
 
     @property
     def digits(self) -> bool:
@@ -200,14 +258,18 @@ class LatentDiffusion(TextToImageMethod):
 
     # -- models ------------------------------------------------------------------------------------------------------
     def resolve_family(self):
-        """A model built here is a Stable Diffusion 1.x-shaped pipeline (one CLIP encoder, a UNet, a VAE)."""
-        return get_family("sd")
+        """The family of the model built here: model.family (sd, the default: a Stable Diffusion 1.x-shaped pipeline
+        with one CLIP encoder and a UNet; or sd3: an SD3 transformer with two CLIP encoders and flow matching)."""
+        return get_family(built_family(self.config))
 
-    def load_components(self) -> dict[str, Any]:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    def base_pipeline_class(self) -> str | None:
+        """No base model: the model is built here (and is no inpainting model)."""
+        return None
 
-        options, model = self.options, self.config.model
+    def load_tokenizer(self):
+        from transformers import CLIPTokenizer
+
+        options = self.options
         tokenizer = CLIPTokenizer.from_pretrained(
             options.tokenizer, subfolder="tokenizer" if (Path(options.tokenizer) / "tokenizer").is_dir() else ""
         )
@@ -215,6 +277,56 @@ class LatentDiffusion(TextToImageMethod):
             tokenizer.model_max_length = 77
         if options.max_text_length:
             tokenizer.model_max_length = options.max_text_length
+        return tokenizer
+
+    def new_text_config(self, tokenizer):
+        from transformers import CLIPTextConfig
+
+        options = self.options
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=options.text_hidden_size,
+            intermediate_size=options.text_intermediate_size,
+            num_hidden_layers=options.text_layers,
+            num_attention_heads=options.text_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=options.text_hidden_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def load_vae(self):
+        """The autoencoder, and the latent size it gives data.resolution (checked against the denoiser's needs)."""
+        options, model = self.options, self.config.model
+        vae = load_autoencoder(options.vae, allow_pickle=model.allow_pickle)
+        if self.digits and vae.config.in_channels != self.config.data.channels:
+            raise ConfigError(
+                f"the autoencoder takes {vae.config.in_channels}-channel images: set "
+                f"data.channels={vae.config.in_channels}"
+            )
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = self.config.data.resolution
+        if self.family.name == "sd3":
+            multiple, what = self.options.patch_size, f"the transformer's patch_size={self.options.patch_size}"
+        else:
+            levels = len(options.block_out_channels)
+            multiple, what = 2 ** (levels - 1), f"the UNet's {levels} levels"
+        if resolution % factor or (resolution // factor) % multiple:
+            raise ConfigError(
+                f"data.resolution={resolution} gives {resolution / factor:g}x{resolution / factor:g} latents (the VAE "
+                f"downsamples by {factor}); {what} need a latent size divisible by {multiple}"
+            )
+        return vae, resolution // factor
+
+    def load_components(self) -> dict[str, Any]:
+        if self.family.name == "sd3":
+            return self.build_sd3()
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        options, model = self.options, self.config.model
+        tokenizer = self.load_tokenizer()
         if options.text_encoder:
             local = Path(options.text_encoder)
             text_encoder = CLIPTextModel.from_pretrained(
@@ -229,31 +341,9 @@ class LatentDiffusion(TextToImageMethod):
                     f"({tokenizer.model_max_length}) exceeds the text encoder's {positions} positions"
                 )
         else:
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    hidden_size=options.text_hidden_size,
-                    intermediate_size=options.text_intermediate_size,
-                    num_hidden_layers=options.text_layers,
-                    num_attention_heads=options.text_heads,
-                    max_position_embeddings=tokenizer.model_max_length,
-                    projection_dim=options.text_hidden_size,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            )
-        vae = load_autoencoder(options.vae, allow_pickle=model.allow_pickle)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        resolution = self.config.data.resolution
+            text_encoder = CLIPTextModel(self.new_text_config(tokenizer))
+        vae, latent_size = self.load_vae()
         levels = len(options.block_out_channels)
-        latent_size = resolution // factor
-        if resolution % factor or latent_size % 2 ** (levels - 1):
-            raise ConfigError(
-                f"data.resolution={resolution} gives {resolution / factor:g}x{resolution / factor:g} latents (the VAE "
-                f"downsamples by {factor}); the UNet's {levels} levels need a latent size divisible by "
-                f"{2 ** (levels - 1)}"
-            )
         cross = options.cross_attention_levels or [True] * levels
         unet = UNet2DConditionModel(
             sample_size=latent_size,
@@ -273,13 +363,53 @@ class LatentDiffusion(TextToImageMethod):
             beta_schedule=diffusion.beta_schedule,
             prediction_type=diffusion.prediction_type or "epsilon",
         )
-        if self.digits and vae.config.in_channels != self.config.data.channels:
-            raise ConfigError(
-                f"the autoencoder takes {vae.config.in_channels}-channel images: set "
-                f"data.channels={vae.config.in_channels}"
-            )
         return dict(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
+        )
+
+    def build_sd3(self) -> dict[str, Any]:
+        """An SD3-shaped model from scratch: two new CLIPTextModelWithProjection encoders (penultimate states
+        concatenated: the joint-attention width; pooled projections concatenated: the pooled width), no T5 (the
+        family gives the transformer zeros in its place, as StableDiffusion3Pipeline does without one), an
+        SD3Transformer2DModel on the VAE's latents, and the flow-matching scheduler."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        options = self.options
+        tokenizer, tokenizer_2 = self.load_tokenizer(), self.load_tokenizer()
+        text_encoder = CLIPTextModelWithProjection(self.new_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(self.new_text_config(tokenizer_2))
+        vae, latent_size = self.load_vae()
+        if getattr(vae.config, "shift_factor", None) is None:  # StableDiffusion3Pipeline's decode adds it
+            vae.register_to_config(shift_factor=0.0)
+        width = options.transformer_heads * options.transformer_head_dim
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_size,  # the pipeline's default image size is sample_size x the VAE's factor
+            patch_size=options.patch_size,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            num_layers=options.transformer_layers,
+            attention_head_dim=options.transformer_head_dim,
+            num_attention_heads=options.transformer_heads,
+            joint_attention_dim=2 * options.text_hidden_size,
+            caption_projection_dim=width,
+            pooled_projection_dim=2 * options.text_hidden_size,
+            pos_embed_max_size=latent_size // options.patch_size,
+            qk_norm="rms_norm",  # SD3.5's: steadier attention logits when training from scratch
+        )
+        noise_scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.config.diffusion.num_train_timesteps, shift=options.flow_shift
+        )
+        return dict(
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            tokenizer_3=None,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            text_encoder_3=None,
+            vae=vae,
+            transformer=transformer,
+            noise_scheduler=noise_scheduler,
         )
 
     def cache_fingerprint(self) -> str:
@@ -288,11 +418,12 @@ class LatentDiffusion(TextToImageMethod):
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def configure_trainable(self) -> None:
-        self.unet.requires_grad_(True)
-        self.unet.train()
+        self.denoiser.requires_grad_(True)
+        self.denoiser.train()
         if self.options.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
-            self.text_encoder.train()
+            for text_encoder in self.text_encoders.values():
+                text_encoder.requires_grad_(True)
+                text_encoder.train()
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def evaluate(self, num_images: int, seed: int) -> dict[str, float] | None:
@@ -305,7 +436,8 @@ class LatentDiffusion(TextToImageMethod):
         if getattr(self, "_evaluator", None) is None:
             self._evaluator = DigitsEvaluator(resolution=self.config.data.resolution)
         labels = [self.trained_digits[i % len(self.trained_digits)] for i in range(num_images)]
-        with eval_mode(self.unwrap(self.unet), self.unwrap(self.text_encoder)):
+        modules = [self.denoiser, *self.text_encoders.values()]
+        with eval_mode(*map(self.unwrap, modules)):
             pipe = self.pipeline()
             pipe.set_progress_bar_config(disable=True)
             images = generate_images(
@@ -320,10 +452,18 @@ class LatentDiffusion(TextToImageMethod):
         return {key: scores[key] for key in ("class_accuracy", "fd", "kid_mean", "confident_fraction")}
 
     def save(self, output_dir: Path) -> None:
-        # the validation pipeline is the model itself (DDIM sampling), with frozen parts back in fp32
+        # the validation pipeline is the model itself (the family's sampler: DDIM, or flow matching's Euler), with
+        # frozen parts back in fp32
         self.vae.float()
-        self.unwrap(self.text_encoder).float()
+        for text_encoder in self.text_encoders.values():
+            self.unwrap(text_encoder).float()
         self.pipeline().save_pretrained(output_dir, safe_serialization=True)
+
+    def usage_loading(self, base: str, output: str = "OUTPUT_DIR_OR_REPO_ID") -> str:
+        loading = super().usage_loading(base, output)
+        if self.family.name == "sd3":  # saved without T5: diffusers wants the missing parts named
+            loading = loading.removesuffix(")") + ", text_encoder_3=None, tokenizer_3=None)"
+        return loading
 
     def card(self) -> dict[str, Any]:
         resolution = self.config.data.resolution
@@ -332,12 +472,21 @@ class LatentDiffusion(TextToImageMethod):
             if self.options.holdout_digits
             else ""
         )
+        trained = "trained" if self.options.train_text_encoder else "frozen"
+        if self.family.name == "sd3":
+            model = (
+                f"SD3Transformer2DModel ({self.options.transformer_layers} blocks, patch {self.options.patch_size}) "
+                f"with flow matching on the latents of `{self.options.vae}`, two CLIP text encoders ({trained}), no T5"
+            )
+            tags = ["text-to-image", "latent-diffusion", "flow-matching", "stable-diffusion-3"]
+        else:
+            model = f"UNet2DConditionModel on the latents of `{self.options.vae}`, CLIP text encoder ({trained})"
+            tags = ["text-to-image", "latent-diffusion", "stable-diffusion"]
         return {
-            "tags": ["text-to-image", "latent-diffusion", "stable-diffusion"],
+            "tags": tags,
             "description": (
                 f"A latent diffusion model trained from scratch on `{self.config.data.dataset}` at {resolution} px: "
-                f"UNet2DConditionModel on the latents of `{self.options.vae}`, CLIP text encoder "
-                f"({'trained' if self.options.train_text_encoder else 'frozen'}).{held_out}"
+                f"{model}.{held_out}"
             ),
             "usage": f"""
 {self.usage_loading("OUTPUT_DIR_OR_REPO_ID")}
