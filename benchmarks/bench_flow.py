@@ -23,20 +23,25 @@ What each configuration does per step (the scripts are run unmodified; "text" = 
     diffusers_default        (--only) the README's plain call: text once  same as diffusers
                              and encoders freed, VAE every step
 
-(*) The scripts encode the instance prompt once and free the text encoders when no per-image captions are given,
-so `diffusers` runs them on a copy of the images with captions (metadata.jsonl, `--dataset_name DIR
---caption_column text`, every caption the instance prompt): then they encode every batch's captions under no_grad,
-as difftune's cache=none does. (**) train_dreambooth_lora_flux.py re-encodes the prompt every step even with the
-instance prompt (the loop's `else` branch calls compute_text_embeddings), and `del text_encoder_one, text_encoder_two`
-leaves them alive in the `text_encoders` list: its cached row is NOT equal work to difftune_cache_memory (it still
-runs CLIP-L + T5 each step and keeps them in memory); no flag of the script avoids it. SD3's cached row is equal
-work except that difftune keeps the VAE (84M parameters) loaded for samples. Sigma sampling differs (not the work):
-the scripts snap sigma to the scheduler's 1000-step grid through `timesteps[(u * 1000).long()]` (which maps u to
-1 - u) and Flux's script trains unshifted; difftune draws continuous sigmas, shifted as the scheduler shifts them
-(SD3: shift 3; Flux: from the image's token count).
+(*) SD3's script encodes the instance prompt once and frees the text encoders when no per-image captions are given, so
+`diffusers` runs both scripts on a copy of the images with captions (metadata.jsonl, `--dataset_name DIR
+--caption_column text`, every caption the instance prompt): then they encode every batch's captions under no_grad, as
+difftune's cache=none does (Flux's script does that work either way, see (**)). Left unequal: the scripts decode and
+resize every image once before training, difftune's cache=none every step; SD3's script runs its VAE in fp32 whatever
+the mixed precision, difftune in the mixed precision. (**) train_dreambooth_lora_flux.py re-encodes the prompt every
+step even with the instance prompt (the loop's `else` branch calls compute_text_embeddings), and `del text_encoder_one,
+text_encoder_two` leaves them alive in the `text_encoders` list: its cached row is NOT equal work to
+difftune_cache_memory (it still runs CLIP-L + T5 each step and keeps them in memory); no flag of the script avoids it.
+SD3's cached row is equal work except that difftune keeps the VAE (84M parameters) loaded for samples; with
+--mixed-precision bf16 or fp16 (every --real run) the SD3 script's --cache_latents fails before training: it casts the
+images to the mixed precision but keeps its VAE in fp32 ("Input type (c10::BFloat16) and bias type (float) should be
+the same", reproduced on the tiny model on a CPU), so that row reports the error. Sigma sampling differs (not the
+work): the scripts snap sigma to the scheduler's 1000-step grid through `timesteps[(u * 1000).long()]` (which maps u to
+1 - u) and Flux's script trains unshifted; difftune draws continuous sigmas, shifted as the scheduler shifts them (SD3:
+shift 3; Flux: from the image's token count).
 
 Models: the tiny SD3 / Flux pipelines the tests build (32 px, ~1M parameters; CPU, 2 threads), or with --real the
-Stable Diffusion 3.5 medium architecture (MMDiT-X transformer 2.5B: 24 layers, 24 heads x 64, qk rms_norm, dual
+Stable Diffusion 3.5 medium architecture (MMDiT-X transformer: 24 layers, 24 heads x 64, qk rms_norm, dual
 attention in layers 0-12; CLIP-L and CLIP-G with projections, T5-XXL encoder, 16-channel VAE) or FLUX.1-dev's
 (transformer 11.9B: 19 double + 38 single blocks, width 3072, guidance embedding; CLIP-L, T5-XXL, VAE), with random
 weights, built from their configs without any download and saved in bf16, at 512 and 1024 px, batch 1: meant for a
@@ -44,9 +49,13 @@ GPU with --mixed-precision bf16 (the default with --real). --quantize nf4 loads 
 4 bits (model.quantize=nf4, QLoRA): a CUDA GPU only (diffusers' bitsandbytes quantizer refuses the CPU: "No GPU
 found. A GPU is needed for quantization."); the scripts have no such option, their rows stay bf16.
 
-Sizes (bf16 on disk and in RAM while building one component at a time): SD3.5 medium ~16 GB on disk, peak RAM
-~10 GB (T5-XXL); FLUX.1-dev ~34 GB on disk, peak RAM ~25 GB (its transformer). --build-only refuses when free RAM or
-disk would not do. The tokenizers are the tests' tiny ones (the embedding tables keep the real vocabularies).
+Parameters as built: SD3.5 medium transformer 2,243,171,520 (plus its 384 x 384 x 1536 positional table, a buffer:
+2.47B, the published "2.5B"), CLIP-L 123,650,304, CLIP-G 694,659,840, T5-XXL encoder 4,762,310,656, VAE 83,819,683;
+FLUX.1-dev transformer 11,901,408,320, CLIP-L 123,060,480. Sizes in bf16, one component in memory at a time: SD3.5
+medium 15.3 GiB on disk, peak RSS 9.7 GiB (T5-XXL), built in 4 min on 2 busy CPU cores (2026-12-01); FLUX.1-dev ~34 GB
+on disk, peak RAM ~26 GB (its transformer: more than a 24 GB machine has; build it on the GPU machine). --build-only
+refuses up front when free RAM or disk would not do. The tokenizers are the tests' tiny ones (the embedding tables
+keep the real vocabularies).
 
 The peer scripts are not part of the project and never go into it. Prepare them once, outside the checkout:
 
@@ -284,8 +293,8 @@ def build_real(family: str, out_dir: Path, dtype: str = "bf16") -> dict[str, int
     largest = max(counts.values()) * size
     for name, count in counts.items():
         print(f"{name}: {count / 1e6:.1f}M parameters, {count * size / 1e9:.1f} GB in {dtype}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    free_disk = shutil.disk_usage(out_dir).free
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    free_disk = shutil.disk_usage(existing).free
     available = _mem_available_bytes()
     # a component in memory plus one shard being written; the disk keeps 8 GB for everyone else
     if available is not None and largest + 2e9 > available:
@@ -298,6 +307,7 @@ def build_real(family: str, out_dir: Path, dtype: str = "bf16") -> dict[str, int
             f"building {family} in {dtype} writes ~{total / 1e9:.0f} GB; {out_dir} has {free_disk / 1e9:.0f} GB free "
             "(8 GB are left to others): choose another disk"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     clip_ids = _clip_ids()
     built = {}
