@@ -207,7 +207,8 @@ class DreamBooth(TextToImageMethod):
 
     @classmethod
     def image_folder(cls, config: Config) -> Path | None:
-        return Path(config.method_options.instance_data_dir).expanduser()
+        folder = config.method_options.instance_data_dir  # (missing: check_config says so first)
+        return Path(folder).expanduser() if folder else None
 
     @staticmethod
     def class_folder(config: Config) -> Path:
