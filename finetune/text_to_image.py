@@ -304,6 +304,8 @@ class TextToImageMethod(Method):
 
     def base_pipeline_class(self) -> str | None:
         model = self.config.model
+        if not model.pretrained_model_name_or_path:  # trained from scratch: nothing to ask the Hub about
+            return None
         return pipeline_class_name(str(model.pretrained_model_name_or_path), model.revision)
 
     def prepare_masks(self, source) -> None:

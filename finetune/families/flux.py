@@ -59,6 +59,7 @@ class Flux(Family):
         "trained from it inherit its terms."
     )
     flow_matching = True
+    training_scheduler = "FlowMatchEulerDiscreteScheduler"  # the folder's shift; no prediction_type to override
     latent_multiple = 16  # the 8x VAE, then 2x2 packing
     max_sequence_length = 512  # T5 tokens, as FluxPipeline's default
 

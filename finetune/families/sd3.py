@@ -40,6 +40,7 @@ class StableDiffusion3(Family):
         "Non-Commercial Research Community License); weights trained from them inherit its terms."
     )
     flow_matching = True
+    training_scheduler = "FlowMatchEulerDiscreteScheduler"  # the folder's shift; no prediction_type to override
     max_sequence_length = 256  # T5 tokens, as StableDiffusion3Pipeline's default
 
     def encode_prompt(self, parts: dict[str, Any], texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
