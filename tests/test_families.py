@@ -216,3 +216,22 @@ def test_flux_packs_latents_and_calls_its_transformer_as_the_pipeline_does(bases
             return_dict=False,
         )[0]
     torch.testing.assert_close(ours, FluxPipeline._unpack_latents(theirs, 64, 48, 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_families_load_their_flow_schedule_and_refuse_a_prediction_type(bases, name):
+    """The training schedule is the folder's FlowMatchEulerDiscreteScheduler (its shift), and an epsilon/v
+    prediction_type, meaningless for a velocity target, is one line naming the key."""
+    family = get_family(name)
+    config = lora_config(bases[name])
+    schedule = family.load_component(config, "noise_scheduler")
+    assert type(schedule).__name__ == "FlowMatchEulerDiscreteScheduler"
+    config = load_config(
+        {
+            "method": "lora",
+            "model": {"pretrained_model_name_or_path": str(bases[name])},
+            "diffusion": {"prediction_type": "epsilon"},
+        }
+    )
+    with pytest.raises(InputError, match=r"diffusion.prediction_type: the .* family trains with flow matching"):
+        family.load_component(config, "noise_scheduler")
