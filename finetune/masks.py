@@ -114,11 +114,14 @@ def random_mask(
     return mask
 
 
-def load_mask(source: Any, resolution: int, flipped: bool = False) -> torch.Tensor:
-    """A user mask as [1, R, R] in {0, 1}, resized and centre-cropped like its image (white = 1 = repaint)."""
+def load_mask(source: Any, resolution: int, flipped: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A user mask as [1, R, R] in {0, 1}, resized and centre-cropped like its image (white = 1 = repaint); with
+    `size` (w, h), an aspect-ratio bucket's, resized to cover it and centre-cropped to it ([1, h, w])."""
     from finetune.data import image_to_tensor
 
-    pixels, _ = image_to_tensor(open_image(source), resolution, 1, np.random.default_rng(0), center_crop=True)
+    bucket = None if size is None or size == (resolution, resolution) else tuple(size)
+    rng = np.random.default_rng(0)  # unused: user masks need centre crops, which draw nothing
+    pixels, _ = image_to_tensor(open_image(source), resolution, 1, rng, center_crop=True, bucket=bucket)
     mask = (pixels > 0).float()  # [-1, 1]: brighter than mid-grey is white
     return mask.flip(-1) if flipped else mask
 
@@ -183,15 +186,19 @@ class InpaintingMasks:
     def __init__(self, options: InpaintingMaskOptions, resolution: int, user_masks: dict[int, Any]):
         self.options, self.resolution, self.user_masks = options, resolution, user_masks
 
-    def mask_for(self, row: int, flipped: bool, is_class: bool, rng: np.random.Generator) -> torch.Tensor:
-        """[1, R, R] in {0, 1} (1 = repaint)."""
+    def mask_for(
+        self, row: int, flipped: bool, is_class: bool, rng: np.random.Generator, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """[1, h, w] in {0, 1} (1 = repaint), of the example's size (w, h): its aspect-ratio bucket, or the
+        data.resolution square when `size` is None."""
+        width, height = size or (self.resolution, self.resolution)
         user_mask = None if is_class else self.user_masks.get(row)
         if user_mask is not None:
-            return load_mask(user_mask, self.resolution, flipped=flipped)
+            return load_mask(user_mask, self.resolution, flipped=flipped, size=(width, height))
         options = self.options
         mask = random_mask(
-            self.resolution,
-            self.resolution,
+            height,
+            width,
             rng,
             options.mask_shapes,
             options.mask_min_area,
@@ -200,22 +207,24 @@ class InpaintingMasks:
         )
         return torch.from_numpy(mask)[None]
 
-    def validation_pair(self, records) -> tuple[Image.Image, Image.Image]:
-        """The image and mask of the sample grids: validation_image/mask, or the first training image with its own
-        mask or a centred square."""
+    def validation_pair(self, records, size: tuple[int, int] | None = None) -> tuple[Image.Image, Image.Image]:
+        """The image and mask of the sample grids, cut to `size` (w, h; default the data.resolution square):
+        validation_image/mask, or the first training image with its own mask or a centred rectangle."""
         from finetune.data import image_to_tensor
 
         resolution, options = self.resolution, self.options
+        width, height = size or (resolution, resolution)
+        bucket = None if (width, height) == (resolution, resolution) else (width, height)
         row = records.indices[0]
         image_source = options.validation_image or records.image_sources[row]
-        image, _ = image_to_tensor(open_image(image_source), resolution, 3, np.random.default_rng(0))
+        image, _ = image_to_tensor(open_image(image_source), resolution, 3, np.random.default_rng(0), bucket=bucket)
         if options.validation_mask:
-            mask = load_mask(options.validation_mask, resolution)
+            mask = load_mask(options.validation_mask, resolution, size=(width, height))
         elif not options.validation_image and row in self.user_masks:
-            mask = load_mask(self.user_masks[row], resolution)
+            mask = load_mask(self.user_masks[row], resolution, size=(width, height))
         else:
-            mask = torch.zeros(1, resolution, resolution)
-            mask[:, resolution // 4 : resolution * 3 // 4, resolution // 4 : resolution * 3 // 4] = 1.0
+            mask = torch.zeros(1, height, width)
+            mask[:, height // 4 : height * 3 // 4, width // 4 : width * 3 // 4] = 1.0
         return tensor_to_image(image), tensor_to_image(mask)
 
     @staticmethod

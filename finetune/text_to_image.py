@@ -320,11 +320,6 @@ class TextToImageMethod(Method):
                     "remove them, or train an inpainting checkpoint"
                 )
             return
-        if self.config.data.aspect_buckets or self.options.validation_sizes:
-            raise ConfigError(
-                f"{section}: an inpainting model trains and samples on data.resolution squares here (its masks are "
-                "square); set data.aspect_buckets=false and leave validation_sizes empty"
-            )
         if self.masks is None:
             user_masks = find_user_masks(source, self.image_folder(self.config), self.options, section)
             self.masks = InpaintingMasks(self.options, self.config.data.resolution, user_masks)
@@ -365,7 +360,8 @@ class TextToImageMethod(Method):
             text = ""  # classifier-free guidance: sometimes train unconditioned
         example["text"] = text
         if self.masks is not None:
-            example["mask"] = self.masks.mask_for(example["row"], example["flipped"], is_class, rng)
+            height, width = (int(side) for side in example["target_size"])  # the example's bucket, or the square
+            example["mask"] = self.masks.mask_for(example["row"], example["flipped"], is_class, rng, (width, height))
         return example
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -597,14 +593,15 @@ class TextToImageMethod(Method):
     def validation_prompts(self) -> list[str]:
         return self.options.validation_prompts or [self.default_prompt()]
 
-    def validation_inputs(self, num_images: int) -> dict[str, Any]:
+    def validation_inputs(self, num_images: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
         """Pipeline arguments of sample grids besides prompts, steps and seed (an inpainting pipeline needs an image
-        and a mask)."""
+        and a mask, cut to the grid's size (w, h))."""
         if not self.inpainting:
             return {}
-        if getattr(self, "_validation_pair", None) is None:
-            self._validation_pair = self.masks.validation_pair(self.mask_records)
-        image, mask = self._validation_pair
+        pairs = self.__dict__.setdefault("_validation_pairs", {})
+        if size not in pairs:
+            pairs[size] = self.masks.validation_pair(self.mask_records, size)
+        image, mask = pairs[size]
         return {"image": [image] * num_images, "mask_image": [mask] * num_images}
 
     def generation_inputs(self, num_images: int) -> dict[str, Any]:
@@ -643,7 +640,7 @@ class TextToImageMethod(Method):
                         generator=generator,
                         height=height,
                         width=width,
-                        **self.validation_inputs(len(picked)),
+                        **self.validation_inputs(len(picked), (width, height)),
                     ).images
                 for i, image in zip(picked, made):
                     images[i] = image

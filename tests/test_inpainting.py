@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import ConfigError
+from finetune.buckets import make_sampler
 from finetune.data import collate_examples
 from finetune.masks import random_mask, tensor_to_image
 from finetune.methods import get_method_class
@@ -280,6 +281,41 @@ def test_user_masks_follow_their_images(tiny_inpaint_dir, tmp_path):
         load_config(config.to_dict(), ["data.center_crop=false"])
 
 
-def test_an_inpainting_model_refuses_buckets_before_loading(tiny_inpaint_dir, instance_dir, tmp_path):
-    with pytest.raises(ConfigError, match="inpainting model trains and samples on data.resolution squares"):
-        run_training(recipe(tiny_inpaint_dir, instance_dir, tmp_path / "run"), "data.aspect_buckets=true")
+def test_an_inpainting_model_trains_in_aspect_buckets_with_masks_cut_like_their_images(tiny_inpaint_dir, tmp_path):
+    """With data.aspect_buckets, each example's mask has its bucket's shape: a user mask is cut exactly as its image
+    (here the mask is the image's own white top half, so they must line up), a random one is drawn in the bucket;
+    the run trains to the end and samples at every validation size."""
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir(), masks.mkdir()
+    for name, (width, height) in {"portrait": (48, 96), "landscape": (96, 48), "square": (64, 64)}.items():
+        array = np.zeros((height, width, 3), np.uint8)
+        array[: height // 2, : width // 3] = 255  # not mirror-symmetric: a flip shows
+        Image.fromarray(array).save(photos / f"{name}.png")
+        Image.fromarray(array[..., 0]).save(masks / f"{name}.png")
+    overrides = ["data.aspect_buckets=true", "data.random_flip=true", "train.train_batch_size=1"]
+    config = load_config(recipe(tiny_inpaint_dir, photos, tmp_path / "run", mask_data_dir=str(masks)), overrides)
+    method = set_up(config)
+    make_sampler(method.train_dataset, config.data, method.bucket_multiple(), 1, 1, seed=0)  # assigns the buckets
+    shapes, flips = set(), set()
+    for epoch in range(3):
+        method.train_dataset.set_epoch(epoch)
+        for index in range(len(method.train_dataset)):
+            example = method.train_dataset[index]
+            pixels, mask = example["pixel_values"], example["mask"]
+            assert mask.shape == (1, *pixels.shape[1:])
+            assert torch.equal(mask[0] > 0.5, pixels[0] > 0), "the mask is cut, resized and flipped with its image"
+            shapes.add(tuple(pixels.shape[1:]))
+            flips.add(example["flipped"])
+    assert len(shapes) == 3 and flips == {True, False}, (shapes, flips)
+    random_masks = method.masks.__class__(method.options, 64, {})  # no user masks: drawn in the bucket
+    assert random_masks.mask_for(0, False, False, np.random.default_rng(0), (48, 80)).shape == (1, 80, 48)
+
+    out = run_training(
+        recipe(tiny_inpaint_dir, photos, tmp_path / "trained", steps=3, validation_sizes=["48x80", "80x48"]),
+        *overrides,
+        "train.num_samples=2",
+    )
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+    assert json.loads((out / "buckets.json").read_text()).keys() >= {"64x64"}
+    assert (out / "samples" / "final.png").is_file()
