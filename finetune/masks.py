@@ -114,7 +114,9 @@ def random_mask(
     return mask
 
 
-def load_mask(source: Any, resolution: int, flipped: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_mask(
+    source: Any, resolution: int, flipped: bool = False, size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """A user mask as [1, R, R] in {0, 1}, resized and centre-cropped like its image (white = 1 = repaint); with
     `size` (w, h), an aspect-ratio bucket's, resized to cover it and centre-cropped to it ([1, h, w])."""
     from finetune.data import image_to_tensor

@@ -13,8 +13,8 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.config import ConfigError
 from finetune.buckets import make_sampler
+from finetune.config import ConfigError
 from finetune.data import collate_examples
 from finetune.masks import random_mask, tensor_to_image
 from finetune.methods import get_method_class
