@@ -82,7 +82,10 @@ def rows_of(family: str) -> list[Row]:
     """Every method the family supports (the family says which: textual inversion, kohya export, inpainting)."""
     capabilities = get_family(family)
     # alpha 8 != rank 4: the kohya export must carry the trained strength
-    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "export_kohya": capabilities.kohya_prefixes is not None}
+    # (Flux's kohya layout fuses projections at FLUX.1's widths, which diffusers' kohya loader hard-codes: its round
+    # trip is tested at those widths in tests/test_kohya_flux.py)
+    kohya = capabilities.kohya_prefixes is not None and family != "flux"
+    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "export_kohya": kohya}
     dreambooth = {"instance_prompt": TRIGGER_PROMPT}
     prior = {"with_prior_preservation": True, "class_prompt": "a photo of toy", "num_class_images": 2}
     prior.update(class_inference_steps=2, sample_batch_size=2)

@@ -235,6 +235,12 @@ class Family:
         """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler."""
         raise NotImplementedError
 
+    def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
+        """The LoRA'd modules' adapters in kohya's key layout (`kohya_prefixes` + the module path with `_`)."""
+        from finetune.adapters import kohya_state_dict
+
+        return kohya_state_dict(modules, self.kohya_prefixes)
+
     def save_lora(
         self,
         output_dir: Path,
