@@ -43,20 +43,98 @@ def image_grid(images: list[Image.Image], columns: int | None = None, gap: int =
     return grid
 
 
+def enlarge(images: list[Image.Image], min_cell: int = 64) -> list[Image.Image]:
+    """Tiny images (16 px digits) enlarged by a whole factor with nearest-neighbour, so they can be seen."""
+    smallest = min(i.width for i in images)
+    if smallest >= min_cell:
+        return images
+    factor = math.ceil(min_cell / smallest)
+    return [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
+
+
+LABEL_HEIGHT = 18  # pixels of the caption strip under a labelled row
+MAX_LABELLED_COLUMNS = 8
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], gap: int = 2) -> Image.Image:
+    """One row per distinct label (a prompt, a class), in the order labels first appear, the label written under its
+    row; a label with more than MAX_LABELLED_COLUMNS images wraps onto several rows, captioned under the last."""
+    from PIL import ImageDraw, ImageFont
+
+    groups: dict[str, list[Image.Image]] = {}
+    for image, label in zip(images, labels):
+        groups.setdefault(label, []).append(image)
+    columns = min(MAX_LABELLED_COLUMNS, max(len(g) for g in groups.values()))
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    mode = images[0].mode if images[0].mode in ("L", "RGB") else "RGB"
+    blocks = []  # (images of the row, caption under it or None)
+    for label, group in groups.items():
+        chunks = [group[i : i + columns] for i in range(0, len(group), columns)]
+        blocks += [(chunk, label if k == len(chunks) - 1 else None) for k, chunk in enumerate(chunks)]
+    grid_width = columns * (width + gap) + gap
+    grid_height = gap + sum(height + gap + (LABEL_HEIGHT if caption is not None else 0) for _, caption in blocks)
+    gray, white, black = (128, 255, 0) if mode == "L" else ((128, 128, 128), (255, 255, 255), (0, 0, 0))
+    grid = Image.new(mode, (grid_width, grid_height), gray)
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
+    y = gap
+    for chunk, caption in blocks:
+        for k, image in enumerate(chunk):
+            grid.paste(image.convert(mode), (gap + k * (width + gap), y))
+        y += height + gap
+        if caption is not None:
+            draw.rectangle((0, y - gap, grid_width, y + LABEL_HEIGHT - 1), fill=white)
+            text = caption
+            while text and draw.textlength(text, font=font) > grid_width - 8:
+                text = text[:-2] + "…" if len(text) > 1 else ""
+            draw.text((4, y + 1), text, fill=black, font=font)
+            y += LABEL_HEIGHT
+    return grid
+
+
+def grid_image(
+    images: list[Image.Image], labels: list[str] | None = None, min_cell: int = 64, columns: int | None = None
+) -> Image.Image:
+    """The grid of a run or a `pipelines.generate` call: tiny images enlarged (nearest), one captioned row per label
+    when the images have labels (prompts, classes), else a square-ish grid."""
+    images = enlarge(images, min_cell)
+    if labels and any(labels):
+        return labelled_grid(images, [str(label) for label in labels])
+    return image_grid(images, columns)
+
+
 def save_grid(
-    images: list[Image.Image], path: Path, min_cell: int = 64, columns: int | None = None, then: str = "run again"
+    images: list[Image.Image],
+    path: Path,
+    min_cell: int = 64,
+    columns: int | None = None,
+    then: str = "run again",
+    labels: list[str] | None = None,
 ) -> Path:
-    """Save a grid; tiny images (16 px digits) are enlarged with nearest-neighbour so they can be seen."""
+    """Save a grid (`grid_image`): tiny images enlarged, rows captioned with their labels when given."""
     with atomic.reporting_write_errors(path.parent, then):
         path.parent.mkdir(parents=True, exist_ok=True)
-    smallest = min(i.width for i in images)
-    if smallest < min_cell:
-        factor = math.ceil(min_cell / smallest)
-        images = [i.resize((i.width * factor, i.height * factor), Image.Resampling.NEAREST) for i in images]
-    grid = image_grid(images, columns)
+    grid = grid_image(images, labels, min_cell, columns)
     with atomic.atomic_path(path, then=then) as temporary:
         grid.save(temporary, format="PNG")
     return path
+
+
+def smooth_by_steps(steps: list[int], values: list[float], span: float) -> list[float]:
+    """Exponential moving average over optimizer steps (not over logged points), bias-corrected as Adam's moments
+    are (Kingma & Ba 2015, sec. 3): each logged value stands for the steps since the previous record (it is their
+    mean), so a record k steps after the last one weighs 1 - beta^k, beta = 1 - 1/span; dividing by the total weight
+    so far makes the average start at the first value instead of climbing from it (or from zero)."""
+    beta = 1.0 - 1.0 / max(span, 1.0)
+    smoothed, running, weight, previous = [], 0.0, 0.0, None
+    for step, value in zip(steps, values):
+        gap = max(1, step - previous) if previous is not None else max(1, step)
+        decay = beta**gap
+        running = decay * running + (1 - decay) * value
+        weight = decay * weight + (1 - decay)
+        smoothed.append(running / weight)
+        previous = step
+    return smoothed
 
 
 def write_loss_curve(log_path: Path, png_path: Path, then: str = "run again") -> Path | None:
@@ -73,13 +151,11 @@ def write_loss_curve(log_path: Path, png_path: Path, then: str = "run again") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    smoothed, running = [], losses[0]
-    for value in losses:
-        running = 0.9 * running + 0.1 * value
-        smoothed.append(running)
+    span = max(10.0, steps[-1] / 20)  # a time constant of 5% of the run, in steps
+    smoothed = smooth_by_steps(steps, losses, span)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smoothed, label="smoothed")
+    ax.plot(steps, smoothed, label=f"smoothed (EMA over {span:.0f} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

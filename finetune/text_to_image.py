@@ -646,6 +646,15 @@ class TextToImageMethod(Method):
                     images[i] = image
         return images
 
+    def sample_labels(self, num_images: int) -> list[str]:
+        """Image i's prompt (and its size when the grid cycles several), as `sample` draws it."""
+        prompts = self.validation_prompts()
+        sizes = parse_sizes(self.options.validation_sizes)
+        return [
+            prompts[i % len(prompts)] + (f" ({'x'.join(map(str, sizes[i % len(sizes)]))})" if len(sizes) > 1 else "")
+            for i in range(num_images)
+        ]
+
     def cached_prompt_embeddings(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Pipeline arguments from cached conditioning: prompt_embeds (pooled_prompt_embeds ...) of the texts and
         negative_* of the empty prompt, the names every family's pipeline takes."""

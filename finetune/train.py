@@ -279,7 +279,8 @@ def train(config: Config) -> Path:
         if accelerator.is_main_process:
             with averaged_weights(ema, parameters):
                 images = method.sample(config.train.num_samples, seed=config.train.seed)
-            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir))
+            labels = method.sample_labels(len(images))  # prompts or classes, under their rows
+            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir), labels=labels)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np
