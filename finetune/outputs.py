@@ -209,22 +209,104 @@ def truncate_log(log_path: Path, step: int) -> int:
     return dropped
 
 
+def flat_hyperparameters(config_dict: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A config as `section.key: value` with typed values (numbers stay numbers, so runs can be compared and sorted
+    by them); lists become their JSON text, unset (None) values are left out."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config_dict.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hyperparameters(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def log_hyperparameters(trackers: list, config_dict: dict) -> None:
+    """The run's hyperparameters, once, as typed values: TensorBoard's in the run's own event file (accelerate's
+    `store_init_configuration` would write them as a second run in a timestamped folder), other trackers through
+    their own `store_init_configuration`."""
+    values = flat_hyperparameters(config_dict)
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            from torch.utils.tensorboard.summary import hparams
+
+            writer = tracker.writer
+            for summary in hparams(values, {}):  # experiment, session start and end: the HParams dashboard's data
+                writer._get_file_writer().add_summary(summary)
+            writer.flush()
+        else:
+            tracker.store_init_configuration(values)
+
+
+MODEL_PLACEHOLDER = "OUTPUT_DIR_OR_REPO_ID"  # in a method's usage snippet: replaced by the Hub id or the folder
+
+
+def base_model_license(base: str | None) -> dict[str, str]:
+    """The licence in the base model's own card (README.md metadata: license, license_name, license_link), read from
+    its local folder or the Hub cache, never downloaded; {} when there is none to read."""
+    if not base:
+        return {}
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme: str | Path | None = Path(base) / "README.md"
+    if not Path(base).is_dir():
+        try:
+            readme = try_to_load_from_cache(base, "README.md")
+        except Exception:  # noqa: BLE001 - not a repo id: no card to read
+            readme = None
+    if not isinstance(readme, (str, Path)) or not Path(readme).is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data
+    except Exception:  # noqa: BLE001 - a card without metadata
+        return {}
+    found = {key: getattr(data, key, None) for key in ("license", "license_name", "license_link")}
+    found = {key: str(value) for key, value in found.items() if isinstance(value, str) and value}
+    link = found.get("license_link")
+    if link and "://" not in link and not Path(base).is_dir():  # relative to the base model's repository
+        found["license_link"] = f"https://huggingface.co/{base}/blob/main/{link}"
+    return found if "license" in found else {}
+
+
+def hub_path(base: str | None) -> bool:
+    """A Hub id (namespace/name), not a local folder."""
+    return bool(base) and "/" in str(base) and not Path(str(base)).exists() and not str(base).startswith((".", "/"))
+
+
 def write_model_card(
     output_dir: Path, config, facts: dict[str, Any], method_options: dict, steps: int, then: str = "run again"
 ) -> Path:
-    """README.md with Hub metadata: base model, method, data, hyperparameters, usage snippet, sample grid. Written
-    last by a run: a folder with it holds a finished model."""
+    """README.md with Hub metadata (base model and its licence, pipeline_tag, tags, the prompt the run trained with,
+    a sample widget): base model, method, data, hyperparameters, a usage snippet that loads this model (its Hub id
+    when one is set, else its folder), sample grid. Written last by a run: a folder with it holds a finished model."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = facts.get("base_model") or config.model.pretrained_model_name_or_path
     dataset = facts.get("dataset") or config.data.dataset  # a method may train on data named elsewhere
+    licence = base_model_license(base_model) or {
+        key: facts[key] for key in ("license", "license_name", "license_link") if facts.get(key)
+    }
+    grids = sorted((output_dir / "samples").glob("*.png")) if (output_dir / "samples").is_dir() else []
+    final = [g for g in grids if g.name == "final.png"] or grids[-1:]
+    prompt = facts.get("prompt")
     data = ModelCardData(
-        base_model=base_model if base_model and not Path(base_model).exists() else None,
+        base_model=base_model if hub_path(base_model) else None,
         library_name="diffusers",
-        license=facts.get("license", "apache-2.0"),
+        license=licence.get("license", "apache-2.0"),
+        license_name=licence.get("license_name"),
+        license_link=licence.get("license_link"),
+        pipeline_tag=facts.get("pipeline_tag"),
         tags=["difftune", "diffusers", f"difftune-{config.method}", *facts.get("tags", [])],
-        datasets=[dataset] if "/" in dataset and not Path(dataset).exists() else None,
+        datasets=[dataset] if hub_path(dataset) else None,
+        instance_prompt=prompt,  # the Hub shows it as the trigger words of a LoRA
+        widget=[{"text": prompt or "", "output": {"url": final[0].relative_to(output_dir).as_posix()}}]
+        if final
+        else None,
     )
+    where = config.hub.hub_model_id or str(output_dir)
     hyper = {
         "method": config.method,
         "steps": steps,
@@ -242,18 +324,21 @@ def write_model_card(
     lines = [
         f"# {facts.get('title', output_dir.name)}",
         "",
-        facts.get("description", f"Trained with [difftune](https://github.com/) method `{config.method}`."),
+        facts.get("description", f"Trained with difftune, method `{config.method}`."),
         "",
         f"- **Base model:** {base_model or 'trained from scratch'}",
         f"- **Dataset:** {dataset}",
     ]
     if facts.get("trigger"):
-        lines.append(f"- **Trigger / placeholder:** `{facts['trigger']}`")
+        lines.append(f"- **Trigger words:** `{facts['trigger']}`")
+    if prompt:
+        lines.append(f"- **Prompt it was trained with:** `{prompt}`")
     if facts.get("license_note"):
         lines.append(f"- **Licence:** {facts['license_note']}")
-    lines += ["", "## Usage", "", "```python", facts.get("usage", "").strip(), "```", ""]
+    usage = facts.get("usage", "").strip().replace(MODEL_PLACEHOLDER, where)
+    lines += ["", "## Usage", "", "```python", usage, "```", ""]
     lines += ["## Training hyperparameters", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in hyper.items()]
+    lines += [f"| {k} | {v} |" for k, v in hyper.items() if v is not None]
     if method_options:
         lines += [
             "",
@@ -263,8 +348,6 @@ def write_model_card(
             yaml.safe_dump(method_options).strip(),
             "```",
         ]
-    grids = sorted((output_dir / "samples").glob("*.png")) if (output_dir / "samples").is_dir() else []
-    final = [g for g in grids if g.name == "final.png"] or grids[-1:]
     for grid in final:
         lines += ["", "## Samples", "", f"![samples]({grid.relative_to(output_dir).as_posix()})"]
     for image in facts.get("validation_images", []):

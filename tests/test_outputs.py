@@ -66,3 +66,46 @@ def test_labelled_grids_put_each_prompt_under_its_row():
     # a long prompt is cut to the grid's width; a label with more images than 8 wraps
     wide = grid_image([Image.new("RGB", (64, 64))] * 10, ["a very long prompt " * 20] * 10)
     assert wide.size == (8 * 66 + 2, 2 + 2 * 66 + 18)
+
+
+# the Hub's licence identifiers (https://huggingface.co/docs/hub/repositories-licenses) and image-generation tasks
+# that difftune's cards may name
+HUB_LICENSES = {
+    "apache-2.0",
+    "mit",
+    "openrail",
+    "openrail++",
+    "creativeml-openrail-m",
+    "bigscience-openrail-m",
+    "cc-by-4.0",
+    "cc-by-nc-4.0",
+    "cc-by-nc-sa-4.0",
+    "other",
+}
+HUB_IMAGE_TASKS = {"text-to-image", "image-to-image", "unconditional-image-generation"}
+
+
+def assert_valid_card(path) -> dict:
+    """The checks the Hub's card validation makes that can be made offline: the metadata parses (huggingface_hub's
+    ModelCard / ModelCardData), the licence is a Hub identifier ("other" with a name and a link), pipeline_tag a Hub
+    task, base_model a repo id, no empty value, the widget's image exists. Returns the metadata."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    card = ModelCard.load(path)
+    meta = card.data.to_dict()
+    assert str(card).startswith("---\n") and meta["library_name"] == "diffusers"
+    assert meta["license"] in HUB_LICENSES, meta["license"]
+    if meta["license"] == "other":
+        assert meta.get("license_name") and meta.get("license_link", "").startswith("https://"), meta
+    if "pipeline_tag" in meta:
+        assert meta["pipeline_tag"] in HUB_IMAGE_TASKS, meta["pipeline_tag"]
+    if "base_model" in meta:
+        validate_repo_id(meta["base_model"])
+    assert all(isinstance(tag, str) and tag for tag in meta["tags"])
+    assert all(value is not None and value != "" for value in meta.values()), meta
+    for item in meta.get("widget", []):
+        assert (path.parent / item["output"]["url"]).is_file()
+    assert "| None |" not in card.text and "https://github.com/)" not in card.text
+    assert "OUTPUT_DIR_OR_REPO_ID" not in card.text
+    return meta
