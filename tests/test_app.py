@@ -319,9 +319,17 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert steps["value"] == 12 and guidance["visible"] and guidance["value"] == 2.0 and not lora_scale["visible"]
     assert scheduler["choices"] == ["default", "ddim", "ddpm", "dpm++"] and images["value"] == 4
 
-    gallery, history, record, slider, image, label, status = on_generate("", "", 2, 5, 2.0, 7, "ddpm", 1.0, 3, [])
+    seen_progress = []
+
+    def progress(fraction, desc=None, unit=None):  # what gr.Progress is told: (done, total) after every step
+        seen_progress.append(fraction)
+
+    gallery, history, record, slider, image, label, status = on_generate(
+        "", "", 2, 5, 2.0, 7, "ddpm", 1.0, 3, [], progress=progress
+    )
     assert status.startswith("Generated 3 images in") and "DDPMScheduler" in status
-    assert [caption for _, caption in gallery] == [f"class 2 · seed {s}" for s in (7, 8, 9)]
+    assert seen_progress == [(step, 5) for step in range(1, 6)]
+    assert [caption for _, caption in gallery] == [f"class 2 · 5 steps · guidance 2 · seed {s}" for s in (7, 8, 9)]
     assert gallery[0][0].size == (256, 256)  # 8 px enlarged x32 for the page
     assert slider["value"] == 5 and slider["interactive"] and label == "step 5 of 5 (from t = 0)"
     first, first_label = on_step(record, 0, "sample")
@@ -329,7 +337,13 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert np.abs(as_array(first) - as_array(image)).mean() > 1
     assert on_step(record, 2, "x0")[0].size == (256, 256)
     more = on_generate("", "", 0, 2, 2.0, 0, "default", 1.0, 1, history)[0]
-    assert len(more) == 4 and more[0][1] == "class 0 · seed 0"
+    assert len(more) == 4 and more[0][1] == "class 0 · 2 steps · guidance 2 · seed 0"
+    # Stop: the run ends after its current step, says so, and leaves the gallery as it was; the next run starts clean
+    on_start, on_stop = handler(app, "on_start"), handler(app, "on_stop")
+    on_stop()
+    *unchanged, status = on_generate("", "", 0, 4, 2.0, 0, "default", 1.0, 1, more)
+    assert status == "Stopped after step 1 of 4." and all(u == {"__type__": "update"} for u in unchanged)
+    assert on_start() == "" and on_generate("", "", 0, 2, 2.0, 0, "default", 1.0, 1, [])[-1].startswith("Generated")
 
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
@@ -343,14 +357,26 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert status.startswith("Noised to t =") and "denoised in 2 steps" in status and output.size == (256, 256)
 
     wide = make_lora(tmp_path / "wide", tiny_sd_dir, seed=3, block_out_channels=[16, 48], norm_num_groups=8)
-    status = on_load(str(tiny_sd_dir), str(wide), "")[0]
+    status, *kept = on_load(str(tiny_sd_dir), str(wide), "")
     assert status.startswith("**Error:** Could not load") and "does not fit the base model" in status
+    assert kept == [{"__type__": "update"}] * 12  # a failed load leaves the settings and the step viewer alone
     assert "Still serving **" in status and str(cc) in status  # the class-conditional model stays
     assert on_step(record, 1, "sample")[1] == "step 1 of 5 (from t = 800)"  # same model: its steps still show
 
     status, prompt, *_ = on_load(str(tiny_ddpm_dir), "", "")
     assert "DDPMPipeline (unconditional" in status and not prompt["visible"]
     assert "reloaded" in on_step(record, 1, "sample")[1]  # steps of the previous model are not decoded with this one
+
+
+def test_a_missing_demo_model_says_how_to_make_it(tmp_path, monkeypatch):
+    need("gradio")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from pipelines.app import DEMO_MODEL, build_app
+
+    status = component(build_app(DEMO_MODEL), "model-status").value
+    assert "no such file or folder" in status and "`make demo`" in status
+    assert "make demo" not in component(build_app(str(tmp_path / "elsewhere")), "model-status").value
 
 
 def test_lora_scale_scheduler_and_embeddings(tiny_sd_dir, tmp_path):
@@ -579,11 +605,14 @@ def test_the_command_serves_on_loopback_and_shows_a_bad_model_in_the_page(tmp_pa
     port = free_port()
     command = [sys.executable, "-m", "pipelines.app", "--model", str(not_a_pipeline), "--port", str(port)]
     env = subprocess_env(GRADIO_TEMP_DIR=str(tmp_path / "gradio"), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = tmp_path / "app.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            command, cwd=Path(__file__).parents[1], env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
+        )
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/config") is not None, timeout=240, process=process)
+        wait_for(lambda: "difftune app on" in log.read_text(), timeout=60, process=process)  # printed once served
         config = http_get(f"http://127.0.0.1:{port}/config")
         address = outward_address()
         if address is not None:  # served on loopback only
@@ -592,9 +621,10 @@ def test_the_command_serves_on_loopback_and_shows_a_bad_model_in_the_page(tmp_pa
                 sock.connect((address, port))
     finally:
         process.terminate()
-        output = process.communicate(timeout=60)[0]
+        process.wait(timeout=60)
+    output = log.read_text()
     assert "is not a diffusers pipeline folder: it has no model_index.json" in config
-    assert f"Running on local URL:  http://127.0.0.1:{port}" in output
+    assert f"difftune app on http://127.0.0.1:{port}/" in output and "share=True" not in output
     assert "is not a diffusers pipeline folder" in output and "Traceback" not in output, output
 
 
