@@ -293,20 +293,22 @@ def generate_tab(gr) -> GenerateTab:
     return GenerateTab(button, stop, status, gallery, step_image, step_slider, step_view, step_label)
 
 
-def image_drop(gr):
+def image_drop(gr, **kwargs):
     """gr.Image as a drop zone (drop, paste, click) with a preview, handing the app the uploaded file's path even when
-    it is not an image, so the page says so in its own words (gradio's preprocessing would fail with a bare toast)."""
+    it is not an image, so the page says so in its own words (gradio's preprocessing would fail with a bare toast).
+    (Its preprocess is wrapped on the instance: a subclass of a gradio component makes gradio write a .pyi stub
+    beside this file.)"""
+    drop = gr.Image(type="filepath", **kwargs)
+    original = drop.preprocess
 
-    class ImageDrop(gr.Image):
-        is_template = True  # drawn by gr.Image's frontend
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except Exception:  # noqa: BLE001 - not an image: pipelines.steps.load_image reports it
+            return None if payload is None else payload.path
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception:  # noqa: BLE001 - not an image: pipelines.steps.load_image reports it
-                return None if payload is None else payload.path
-
-    return ImageDrop
+    drop.preprocess = preprocess
+    return drop
 
 
 def reconstruct_tab(gr) -> ReconstructTab:
@@ -316,9 +318,9 @@ def reconstruct_tab(gr) -> ReconstructTab:
         "controls on the left."
     )
     with gr.Row():
-        upload = image_drop(gr)(
+        upload = image_drop(
+            gr,
             label="Image: drop it here, paste it (Ctrl+V) or click to choose",
-            type="filepath",
             sources=["upload", "clipboard"],
             height=DISPLAY_SIZE,
             elem_id="rec-file",

@@ -646,6 +646,53 @@ def step_label(page) -> str:
     return match.group(0) if match else page.inner_text("#step-label")
 
 
+DROP_FILE = """([target, name, b64]) => {
+    // a file dropped on the element, as a user drags one from their file manager
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], name, {type: "image/png"}));
+    for (const type of ["dragenter", "dragover", "drop"]) {
+        target.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+    }
+}"""
+DROP_ZONE = "#rec-file button[aria-dropeffect=copy]"
+
+
+def drop_file(page, name: str, data: bytes) -> None:
+    import base64
+
+    page.locator(DROP_ZONE).evaluate(
+        f"(target, args) => ({DROP_FILE})([target, ...args])", [name, base64.b64encode(data).decode()]
+    )
+
+
+WATCH_STATUS = """() => {
+    // notes whether the status line was ever without a result line (cleared when the run started)
+    const status = document.querySelector('#generate-status');
+    window.statusCleared = !status.innerText.match(/Generated|Error|Stopped/);
+    new MutationObserver(() => {
+        if (!status.innerText.match(/Generated|Error|Stopped/)) window.statusCleared = true;
+    }).observe(status, {subtree: true, childList: true, characterData: true});
+}"""
+RUN_DONE = """() => {
+    const text = document.querySelector('#generate-status').innerText;
+    return window.statusCleared && text.match(/Generated|Error|Stopped/) && !text.match(/queue:|denoising/);
+}"""
+
+
+def generate_and_wait(page, prompt: str | None) -> str:
+    """Generate: Enter in the prompt box when the model takes a prompt, else the button. Waits until the previous
+    status line has gone (cleared as the run starts) and this run's has come, and returns it."""
+    page.evaluate(WATCH_STATUS)
+    if prompt is not None:
+        page.fill("#prompt textarea", prompt)
+        page.press("#prompt textarea", "Enter")
+    else:
+        page.click("#generate")
+    page.wait_for_function(RUN_DONE)
+    return page.inner_text("#generate-status")
+
+
 def drive_app(
     url: str,
     screenshot: Path,
@@ -656,10 +703,12 @@ def drive_app(
     slider_to: float = 0.0,
     upload: Path | None = None,
 ) -> dict:
-    """Open the app, generate (optionally typing a prompt and setting steps / number of images), move the steps
-    slider to the fraction `slider_to` of its range, check that the shown image changes, try an upload that is not an
-    image (and reconstruct `upload` if given), go back to the first tab and save a screenshot. Returns what it saw;
-    raises AssertionError when the page does not behave."""
+    """Open the app and use it as a person would: generate (Enter in the prompt box when there is one, after setting
+    steps / number of images), move the steps slider to the fraction `slider_to` of its range and check that the
+    shown image changes, try to load a model that is not there and check that the settings and the step viewer
+    stay, drop a file that is not an image and then `upload` (if given) on the SDEdit drop zone and reconstruct it,
+    generate once more and save a screenshot. Returns what it saw; raises AssertionError when the page does not
+    behave."""
     from playwright.sync_api import sync_playwright
 
     host = url.rstrip("/")
@@ -678,15 +727,11 @@ def drive_app(
             )
             page.goto(url)
             page.wait_for_selector("#generate")
-            if prompt is not None:
-                page.fill("#prompt textarea", prompt)
             for elem_id, value in (("steps", steps), ("num-images", images)):
                 if value is not None:
                     page.fill(f"#{elem_id} input[type=number]", str(value))
                     page.press(f"#{elem_id} input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#generate-status').innerText.match(/Generated|Error/)")
-            seen["status"] = page.inner_text("#generate-status")
+            seen["status"] = generate_and_wait(page, prompt)
             assert seen["status"].startswith("Generated"), seen["status"]
             seen["gallery"] = page.locator("#gallery img").count()
             assert seen["gallery"] >= 1
@@ -710,22 +755,55 @@ def drive_app(
             seen["step_change"] = float(np.abs(as_array(before.convert("L")) - as_array(after.convert("L"))).mean())
             assert seen["step_change"] > 0.5, "the image at another step looks the same"
 
+            # a Load that fails: the error shows, the settings and the step viewer stay as they were
+            kept = {
+                "images": page.input_value("#num-images input[type=number]"),
+                "steps": page.input_value("#steps input[type=number]"),
+                "slider": page.input_value("#step-slider input[type=range]"),
+                "step_image": shown.evaluate("img => img.src"),
+            }
+            if not page.locator("#load").is_visible():
+                page.get_by_text("Model", exact=True).first.click()  # the accordion is closed when a model is served
+            path_box = page.locator("#model-path input, #model-path textarea").first
+            served = path_box.input_value()
+            path_box.fill(str(screenshot.parent / "no-such-model"))
+            page.click("#load")
+            page.wait_for_function("document.querySelector('#model-status').innerText.includes('Error')")
+            seen["failed_load"] = page.inner_text("#model-status")
+            after_failure = {
+                "images": page.input_value("#num-images input[type=number]"),
+                "steps": page.input_value("#steps input[type=number]"),
+                "slider": page.input_value("#step-slider input[type=range]"),
+                "step_image": shown.evaluate("img => img.src"),
+            }
+            assert after_failure == kept, (kept, after_failure)
+            seen["kept_after_failed_load"] = kept
+            path_box.fill(served)
+
+            # SDEdit: files dropped on the drop zone; one that is not an image is reported in the page
             page.get_by_role("tab", name="Reconstruct (SDEdit)").click()
-            page.locator("#rec-file input[type=file]").set_input_files(
-                {"name": "notes.png", "mimeType": "image/png", "buffer": b"this is not an image"}
-            )
+            drop_file(page, "notes.png", b"this is not an image")
             page.wait_for_function("document.querySelector('#rec-status').innerText.includes('not an image')")
             seen["upload_error"] = page.inner_text("#rec-status")
             if upload is not None:
-                page.click("#rec-file button[aria-label=Clear]")
-                page.locator("#rec-file input[type=file]").set_input_files(str(upload))
+                page.click("#rec-file button[aria-label='Remove Image']")
+                drop_file(page, upload.name, upload.read_bytes())
                 page.wait_for_function("!document.querySelector('#rec-status').innerText.includes('not an image')")
+                page.wait_for_selector("#rec-file img")  # the drop zone previews the image
+                page.wait_for_selector("#rec-input img")  # and the app shows it as the model sees it
                 page.click("#reconstruct")
                 page.wait_for_function("document.querySelector('#rec-status').innerText.match(/Noised|Error/)")
                 seen["reconstruct"] = page.inner_text("#rec-status")
                 assert seen["reconstruct"].startswith("Noised to t ="), seen["reconstruct"]
                 assert page.locator("#rec-noised img").count() == 1 and page.locator("#rec-output img").count() == 1
             page.get_by_role("tab", name="Generate").click()
+
+            # once more (the status of the last run goes as this one starts), then the picture of the page
+            seen["second_status"] = generate_and_wait(page, prompt)
+            assert seen["second_status"].startswith("Generated"), seen["second_status"]
+            seen["gallery_after"] = page.locator("#gallery img").count()
+            page.locator("#step-slider input[type=range]").fill(str(target))
+            page.wait_for_function(f"document.querySelector('#step-label').innerText.includes('step {target} of')")
             page.wait_for_selector("#step-image img")
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
@@ -760,7 +838,10 @@ def test_app_in_headless_chromium(tiny_sd_dir, tmp_path, monkeypatch):
     finally:
         app.close()
     assert seen["gallery"] == 2 and seen["labels"][0].startswith("step 6 of 6")
+    assert "no such file or folder" in seen["failed_load"] and "Still serving" in seen["failed_load"]
+    assert seen["kept_after_failed_load"]["images"] == "2" and seen["kept_after_failed_load"]["steps"] == "6"
     assert "'notes.png' is not an image that can be read" in seen["upload_error"]
+    assert seen["reconstruct"].startswith("Noised to t =") and seen["gallery_after"] == 4
     assert seen["outside_requests"] == []  # nothing but the app itself: no analytics, fonts or CDNs
     with Image.open(screenshot) as shot:
         assert shot.format == "PNG" and shot.width == 1280 and shot.height > 600
