@@ -292,6 +292,8 @@ def write_model_card(
     grids = sorted((output_dir / "samples").glob("*.png")) if (output_dir / "samples").is_dir() else []
     final = [g for g in grids if g.name == "final.png"] or grids[-1:]
     prompt = facts.get("prompt")
+    # the final grid's prompts (its rows): the run's validation prompts, else the method's default, this prompt
+    shown = (method_options or {}).get("validation_prompts") or ([prompt] if prompt else [])
     data = ModelCardData(
         base_model=base_model if hub_path(base_model) else None,
         library_name="diffusers",
@@ -302,8 +304,8 @@ def write_model_card(
         tags=["difftune", "diffusers", f"difftune-{config.method}", *facts.get("tags", [])],
         datasets=[dataset] if hub_path(dataset) else None,
         instance_prompt=prompt,  # the Hub shows it as the trigger words of a LoRA
-        widget=[{"text": prompt or "", "output": {"url": final[0].relative_to(output_dir).as_posix()}}]
-        if final
+        widget=[{"text": " | ".join(shown), "output": {"url": final[0].relative_to(output_dir).as_posix()}}]
+        if final and shown
         else None,
     )
     where = config.hub.hub_model_id or str(output_dir)
@@ -339,10 +341,11 @@ def write_model_card(
     lines += ["", "## Usage", "", "```python", usage, "```", ""]
     lines += ["## Training hyperparameters", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items() if v is not None]
+    method_options = {key: value for key, value in (method_options or {}).items() if value is not None}
     if method_options:
         lines += [
             "",
-            f"Method options (`{config.method}`):",
+            f"Method options (`{config.method}`, unset ones left out):",
             "",
             "```yaml",
             yaml.safe_dump(method_options).strip(),
