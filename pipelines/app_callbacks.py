@@ -251,7 +251,7 @@ def wire_events(page: Page, callbacks: Callbacks) -> None:
             callbacks.on_generate,
             [*settings.inputs, settings.num_images, page.history],
             [gen.gallery, page.history, page.record, gen.step_slider, gen.step_image, gen.step_label, gen.status],
-            show_progress_on=[gen.status],
+            show_progress_on=[gen.status, gen.gallery],  # the per-step bar over the gallery
         )
     gen.stop.click(callbacks.on_stop, None, None, queue=False, show_progress="hidden")
     for changed in (gen.step_slider, gen.step_view):
