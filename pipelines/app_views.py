@@ -266,7 +266,7 @@ def generate_tab(gr) -> GenerateTab:
         button = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
     status = gr.Markdown(elem_id="generate-status")
-    gr.Markdown("**Results** (newest first; hover for prompt, steps, guidance and seed)", elem_id="gallery-title")
+    gr.Markdown("**Results** (newest first)", elem_id="gallery-title")
     gallery = gr.Gallery(
         label="Results",
         show_label=False,  # its floating label would cover the first thumbnail: the title above says it

@@ -680,6 +680,15 @@ RUN_DONE = """() => {
 }"""
 
 
+def set_numbers(page, values: dict) -> None:
+    """Type numbers into the settings (elem_id -> value; None leaves one alone), as a user would."""
+    for elem_id, value in values.items():
+        if value is not None:
+            field = page.locator(f"#{elem_id} input[type=number], #{elem_id} input:not([type=range])").first
+            field.fill(str(value))
+            field.press("Enter")
+
+
 def generate_and_wait(page, prompt: str | None) -> str:
     """Generate: Enter in the prompt box when the model takes a prompt, else the button. Waits until the previous
     status line has gone (cleared as the run starts) and this run's has come, and returns it."""
@@ -727,10 +736,8 @@ def drive_app(
             )
             page.goto(url)
             page.wait_for_selector("#generate")
-            for elem_id, value in (("steps", steps), ("num-images", images)):
-                if value is not None:
-                    page.fill(f"#{elem_id} input[type=number]", str(value))
-                    page.press(f"#{elem_id} input[type=number]", "Enter")
+            settings = {"steps": steps, "num-images": images}
+            set_numbers(page, settings)
             seen["status"] = generate_and_wait(page, prompt)
             assert seen["status"].startswith("Generated"), seen["status"]
             seen["gallery"] = page.locator("#gallery img").count()
@@ -778,7 +785,10 @@ def drive_app(
             }
             assert after_failure == kept, (kept, after_failure)
             seen["kept_after_failed_load"] = kept
-            path_box.fill(served)
+            path_box.fill(served)  # and back to the model served, its defaults, the accordion closed again
+            page.click("#load")
+            page.wait_for_function("!document.querySelector('#model-status').innerText.includes('Error')")
+            page.get_by_text("Model", exact=True).first.click()
 
             # SDEdit: files dropped on the drop zone; one that is not an image is reported in the page
             page.get_by_role("tab", name="Reconstruct (SDEdit)").click()
@@ -798,7 +808,8 @@ def drive_app(
                 assert page.locator("#rec-noised img").count() == 1 and page.locator("#rec-output img").count() == 1
             page.get_by_role("tab", name="Generate").click()
 
-            # once more (the status of the last run goes as this one starts), then the picture of the page
+            # once more, other seeds (the status of the last run goes as this one starts), then the picture
+            set_numbers(page, {**settings, "seed": 100})
             seen["second_status"] = generate_and_wait(page, prompt)
             assert seen["second_status"].startswith("Generated"), seen["second_status"]
             seen["gallery_after"] = page.locator("#gallery img").count()
