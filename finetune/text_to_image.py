@@ -646,6 +646,15 @@ class TextToImageMethod(Method):
                     images[i] = image
         return images
 
+    def sample_labels(self, num_images: int) -> list[str]:
+        """Image i's prompt (and its size when the grid cycles several), as `sample` draws it."""
+        prompts = self.validation_prompts()
+        sizes = parse_sizes(self.options.validation_sizes)
+        return [
+            prompts[i % len(prompts)] + (f" ({'x'.join(map(str, sizes[i % len(sizes)]))})" if len(sizes) > 1 else "")
+            for i in range(num_images)
+        ]
+
     def cached_prompt_embeddings(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Pipeline arguments from cached conditioning: prompt_embeds (pooled_prompt_embeds ...) of the texts and
         negative_* of the empty prompt, the names every family's pipeline takes."""
@@ -676,8 +685,20 @@ result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, 
         """The model card's licence: the base model's, as far as the family knows it."""
         base = self.config.model.pretrained_model_name_or_path
         note = f"Inherits the licence of the base model `{base}`. {self.family.license_note}".strip()
-        return {"license": self.family.license, "license_note": note}
+        facts = {"license": self.family.license, "license_note": note}
+        if self.family.license_name:
+            facts.update(license_name=self.family.license_name, license_link=self.family.license_link)
+        return facts
+
+    def card_prompt(self) -> str:
+        """The prompt of the model card's usage line and metadata: one this run trained on (a caption of its data,
+        the instance prompt), not a recipe's stock validation prompt."""
+        return self.default_prompt()
 
     def card_tags(self) -> list[str]:
         """The task tags of the model card: the pipeline's task and the family."""
         return ["inpainting" if self.inpainting else "text-to-image", self.family.name]
+
+    def pipeline_tag(self) -> str:
+        """The Hub task of the model card's metadata."""
+        return "image-to-image" if self.inpainting else "text-to-image"

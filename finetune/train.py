@@ -34,6 +34,7 @@ from finetune.data import collate_examples
 from finetune.methods import get_method_class
 from finetune.outputs import (
     RUN_SCAFFOLDING,
+    log_hyperparameters,
     push_failed_error,
     push_output_folder,
     save_grid,
@@ -247,7 +248,8 @@ def train(config: Config) -> Path:
         truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
         if bucket_sampler is not None:  # images per bucket
             buckets.write_json(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
-        accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
+        accelerator.init_trackers("difftune")
+        log_hyperparameters(accelerator.trackers, config.to_dict())  # once, typed, in the run's own folder
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
             "%d accumulation | %d steps",
@@ -279,7 +281,8 @@ def train(config: Config) -> Path:
         if accelerator.is_main_process:
             with averaged_weights(ema, parameters):
                 images = method.sample(config.train.num_samples, seed=config.train.seed)
-            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir))
+            labels = method.sample_labels(len(images))  # prompts or classes, under their rows
+            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir), labels=labels)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np

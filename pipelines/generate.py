@@ -162,10 +162,20 @@ def _write_new(path_for, image: Image.Image, start: int, info: PngInfo | None = 
         n += 1
 
 
+def grid_label(settings: dict[str, Any]) -> str:
+    """What the grid writes under an image's row: its prompt or its class ('' for an unconditional model)."""
+    if settings.get("prompt") is not None:
+        return str(settings["prompt"])
+    if settings.get("class_label") is not None:
+        return f"class {settings['class_label']}"
+    return ""
+
+
 def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str | Path, extra: dict | None = None):
-    """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...)."""
+    """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...): small
+    images enlarged (nearest), each prompt's or class's images in a row with it written underneath."""
     from finetune.atomic import reporting_write_errors
-    from finetune.outputs import image_grid
+    from finetune.outputs import grid_image
 
     out_dir = Path(out_dir)
     with reporting_write_errors(out_dir):
@@ -179,7 +189,7 @@ def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str 
         path = _write_new(lambda n: out_dir / f"{n:04d}.png", picture, next_number, info)
         next_number = int(path.stem) + 1
         paths.append(path)
-    grid = image_grid([picture for picture, _ in results])
+    grid = grid_image([picture for picture, _ in results], labels=[grid_label(settings) for _, settings in results])
     grid_path = _write_new(lambda n: out_dir / ("grid.png" if n == 1 else f"grid-{n}.png"), grid, 1)
     return paths, grid_path
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from finetune.families import get_family
 from tests.helpers import assert_same_tensors, reset_accelerate, run_training, safetensors_in, sd_image
+from tests.test_outputs import assert_valid_card
 from tests.tiny_models import (
     make_test_images,
     make_tiny_flux_pipeline,
@@ -183,6 +184,10 @@ def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Pa
         facts += ["`sks`", "learning rate"]
         facts += ["prior preservation"] if "with_prior_preservation" in row.options else []
     assert all(fact in card for fact in facts), [fact for fact in facts if fact not in card]
+    meta = assert_valid_card(out / "README.md")  # every family's licence, the task, no placeholder
+    assert meta["license"] == row.model_family.license and meta["pipeline_tag"] in ("text-to-image", "image-to-image")
+    if row.method == "dreambooth":  # the prompt the subject was trained under, in the metadata and the usage line
+        assert meta["instance_prompt"] == TRIGGER_PROMPT and f'pipe("{TRIGGER_PROMPT}"' in card
     assert (out / "samples" / "final.png").is_file()
     prompt = TRIGGER_PROMPT if row.method != "textual_inversion" else f"a photo of a {TOKEN}"
     pipe = pipeline_of(row, bases[row.family])

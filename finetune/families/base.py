@@ -57,6 +57,8 @@ class Family:
     # licences of its usual base models, which weights trained from them inherit
     license: ClassVar[str] = "other"
     license_note: ClassVar[str] = ""
+    license_name: ClassVar[str | None] = None  # with license "other": the Hub's license_name and license_link
+    license_link: ClassVar[str | None] = None
 
     def trainable_text_encoder_names(self) -> tuple[str, ...]:
         return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders

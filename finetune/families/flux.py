@@ -158,6 +158,8 @@ class Flux(Family):
     embedding_keys = None
     textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "black-forest-labs/FLUX.1-dev"
+    license_name = "flux-1-dev-non-commercial-license"
+    license_link = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
     license_note = (
         "FLUX.1 [dev] is under the FLUX.1 [dev] Non-Commercial License (FLUX.1 [schnell] under Apache 2.0); weights "
         "trained from it inherit its terms."

@@ -113,6 +113,11 @@ class Method:
         """A list of PIL images for sample grids and validation. Runs on the main process."""
         raise NotImplementedError
 
+    def sample_labels(self, num_images: int) -> list[str] | None:
+        """What image i of `sample` shows (its prompt, its class), written under its row of the sample grid; None:
+        the images have no labels (unconditional)."""
+        return None
+
     def evaluate(self, num_images: int, seed: int) -> dict[str, float] | None:
         """Metrics of generated images against real ones, or None where this method has no evaluator."""
         return None

@@ -455,9 +455,10 @@ class ProgressiveDistillation(DDPMFinetune):
         return {
             "base_model": self.config.model.pretrained_model_name_or_path,
             "tags": ["unconditional-image-generation", "progressive-distillation"],
+            "pipeline_tag": "unconditional-image-generation",
             "description": (
                 f"Progressive distillation (Salimans & Ho 2022) of a {self.options.initial_steps}-step DDIM sampler "
-                f"into a {steps}-step student, trained with [difftune](https://github.com/) method `distillation`. "
+                f"into a {steps}-step student, trained with difftune method `distillation`. "
                 f"Every halving is saved as its own pipeline folder: {stages}."
             ),
             "usage": f"""
