@@ -288,6 +288,11 @@ class TextToImageMethod(Method):
     def model_subfolders(cls, config: Config) -> tuple[str, ...]:
         return local_family(config).subfolders(config)
 
+    def data_source(self):
+        self.family = self.resolve_family()  # (build_source asks the family for its columns and sizes)
+        self.check_family()
+        return self.build_source()
+
     def resolve_family(self) -> Family:
         return resolve_family(self.config)
 

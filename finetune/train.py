@@ -33,7 +33,6 @@ from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
 from finetune.methods import get_method_class
 from finetune.outputs import (
-    RUN_SCAFFOLDING,
     push_failed_error,
     push_output_folder,
     save_grid,
@@ -41,6 +40,7 @@ from finetune.outputs import (
     write_loss_curve,
     write_model_card,
 )
+from finetune.plan import check_output_dir
 from finetune.preflight import check_training_inputs, format_duration, resolve_tracker  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("difftune")
@@ -66,18 +66,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Never overwrite a finished model or someone's files: a fresh run needs an empty (or absent) folder."""
-    if resuming or not output_dir.exists():
-        return
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in RUN_SCAFFOLDING)
-    if foreign:
-        raise ConfigError(
-            f"train.output_dir {str(output_dir)!r} already holds {', '.join(foreign[:5])}. Choose a new output_dir, "
-            "or resume with checkpoint.resume_from_checkpoint=latest if it holds checkpoints of this run."
-        )
 
 
 @contextlib.contextmanager
