@@ -166,11 +166,13 @@ def test_difftune_train_launches_a_quiet_run_that_says_where_the_model_is(tiny_s
     assert "StableDiffusionPipeline.from_pretrained(" in last
 
 
-def test_a_bad_recipe_under_the_launcher_is_one_line_and_exit_2(tmp_path):
+def test_a_bad_recipe_stops_before_the_launcher_in_one_line(tmp_path, capsys, monkeypatch):
+    import finetune.cli
+
+    monkeypatch.setattr(finetune.cli, "launch_training", lambda *a: pytest.fail("launched a recipe that cannot run"))
     recipe = write_recipe(tmp_path, tiny_ddpm_recipe(tmp_path / "run"))
-    command = [sys.executable, "-m", "finetune.cli", "train", str(recipe), "optim.lr=fast"]
-    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.strip() == "difftune: optim.lr: expected a number, got 'fast'"
+    assert main(["train", str(recipe), "optim.lr=fast"]) == 2
+    assert capsys.readouterr().err.strip() == "difftune: optim.lr: expected a number, got 'fast'"
 
 
 def png_settings(path: Path) -> dict:
