@@ -219,6 +219,8 @@ def launcher_arguments(launch: dict[str, str]) -> list[str]:
     if not torch.cuda.is_available():
         # accelerate gives a CPU process one thread unless told otherwise
         args += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // processes))]
+        if processes > 1:  # several gloo processes that join one group (accelerate_configs/cpu_2proc.yaml)
+            os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     return args
 
 
