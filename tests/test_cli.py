@@ -205,6 +205,17 @@ def test_generate_draws_a_seed_and_runs_image_to_image(tiny_sd_dir, tmp_path, ca
     assert made[0] != made[1]
     assert main(["generate", str(tiny_sd_dir), "--prompt", "a toy", "--strength", "0.5", "--out", str(out)]) == 2
 
+    # a pixel DDPM: SDEdit through its scheduler loop, at the model's size and channels
+    from tests.tiny_models import make_tiny_ddpm_pipeline
+
+    ddpm = make_tiny_ddpm_pipeline(tmp_path / "ddpm", resolution=8)
+    pixels = tmp_path / "pixels"
+    assert main(["generate", str(ddpm), "--image", str(tmp_path / "red.png"), "--steps", "4", "--num-images", "2",
+                 "--seed", "1", "--out", str(pixels)]) == 0  # fmt: skip
+    with Image.open(pixels / "0002.png") as image:
+        assert image.size == (8, 8) and image.mode == "L"
+    assert png_settings(pixels / "0002.png")["strength"] == 0.8 and png_settings(pixels / "0002.png")["seed"] == 2
+
 
 def test_unknown_subcommand_is_one_line(capsys):
     assert main(["trian"]) == 2
