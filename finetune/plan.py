@@ -131,9 +131,10 @@ def dry_run(config: Config, num_processes: int = 1) -> list[str]:
     lines = [
         f"recipe: method {config.method}; output folder {config.train.output_dir}"
         + (f" (resuming from {resume.name})" if resume else ""),
-        f"data: {distinct} example(s) in {config.data.dataset}, {len(dataset)} per epoch"
-        + (f" ({config.data.repeats} repeats)" if config.data.repeats > 1 else ""),
+        f"data: {distinct} example(s) in {getattr(method, 'instance_folder', None) or config.data.dataset}, "
+        f"{len(dataset)} per epoch" + (f" ({config.data.repeats} repeats)" if config.data.repeats > 1 else ""),
     ]
+    lines += method.plan_lines()
     if distinct < per_step:
         lines.append(f"data: fewer examples than one batch of {per_step}: examples repeat within every batch")
     if config.data.aspect_buckets:

@@ -78,6 +78,11 @@ class Method:
 
         return build_image_source(self.config.data)
 
+    def plan_lines(self) -> list[str]:
+        """What this method will do before training, for `--dry-run`, after data_source(): e.g. class images to
+        generate. One line each."""
+        return []
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Attribute name -> module holding the trained parameters; the loop wraps them with accelerator.prepare."""
         raise NotImplementedError
