@@ -17,6 +17,7 @@ exit code (not a `CalledProcessError` traceback from the launcher).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -127,7 +128,10 @@ def parse_train_args(argv: list[str]) -> dict:
         elif arg in ("--num-processes", "--mixed-precision", "--config-file"):
             launch[arg[2:].replace("-", "_")] = _take_value(argv, i, arg)
             i += 1
-        elif arg.startswith("--") and "=" not in arg:
+        elif arg.split("=", 1)[0] in ("--num-processes", "--mixed-precision", "--config-file"):
+            flag, value = arg.split("=", 1)
+            launch[flag[2:].replace("-", "_")] = value
+        elif arg.startswith("-") and not re.match(r"^[\w.]+=", arg):  # (an override is section.key=value)
             raise ConfigError(f"unknown option {arg!r} of difftune train (difftune train --help)")
         else:
             rest.append(arg)
