@@ -54,7 +54,7 @@ def captioned_images(folder: Path, sizes: list[tuple[int, int]]) -> Path:
 def test_version_names_the_package_and_its_libraries(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
-    assert re.match(r"difftune \S+ \(diffusers \S+, torch \S+\)", out), out
+    assert re.match(r"difftune .+ \(diffusers \S+, torch \S+\)", out), out
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'difftune = "finetune.cli:main"' in pyproject and 'wandb = ["wandb"]' in pyproject
 
