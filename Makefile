@@ -13,7 +13,7 @@ THREADS ?= $(shell nproc)
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(THREADS)
 
-.PHONY: install demo miniature bench-digits test test-latest upgrade lint bench clean
+.PHONY: install demo miniature digits-teach-data bench-digits test test-latest upgrade lint bench clean
 
 # pip installs exactly the locked versions (constraints), downgrading anything a previous install left newer, then
 # the environment is checked against the lock so that a drift fails here and not inside a test
@@ -28,6 +28,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(ACCELERATE) -m finetune finetune/recipes/digits_unconditional.yaml
+
+# the folders the digits_teach_*.yaml and digits_style_lora.yaml recipes train on (5 nines captioned "a handwritten
+# digit sks"; thick and plain digits for the style), in seconds; `make bench-digits` writes them too
+digits-teach-data: $(STAMP)
+	$(PY) -m benchmarks.bench_digits_finetune --data-only
 
 # the miniature text-to-image models, nines held out: the autoencoder, then on its latents the UNet (DDPM,
 # StableDiffusionPipeline) and the SD3 transformer (flow matching, StableDiffusion3Pipeline); see README for times

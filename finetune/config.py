@@ -253,7 +253,12 @@ class EMAConfig:
 class TrainConfig:
     output_dir: str = option("outputs/run", "Folder for checkpoints, samples, logs and the final model.")
     seed: int = option(0, "Seed of everything random: data order, augmentation, noise, init.")
-    max_train_steps: int = option(1000, "Optimizer steps to train.")
+    max_train_steps: int = option(1000, "Optimizer steps to train (unless train.num_train_epochs is set).")
+    num_train_epochs: int | None = option(
+        None,
+        "Train for this many passes over the data instead of train.max_train_steps: the steps are worked out from "
+        "the examples, the global batch and the accumulation once the data is read (printed at start).",
+    )
     train_batch_size: int = option(16, "Batch size per process.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
@@ -268,7 +273,15 @@ class TrainConfig:
     eval_num_samples: int = option(256, "Images generated for each evaluation.")
     report_to: Literal["auto", "tensorboard", "wandb", "jsonl", "none"] = option(
         "auto",
-        "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log. train_log.jsonl is always written.",
+        "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log; 'tensorboard' and 'wandb' must be "
+        "installed (pip install -e '.[tensorboard]' or '.[wandb]'). train_log.jsonl is always written.",
+    )
+    tracker_project_name: str = option(
+        "difftune",
+        "Project name given to the tracker (the wandb project; TensorBoard's run folder under logs/).",
+    )
+    run_name: str | None = option(
+        None, "Name of this run in the tracker (wandb's run name). None: the output folder's name."
     )
     process_group_timeout_s: int = option(
         1800, "Seconds a rank waits for the others (validation, saving) before failing with an error."
@@ -282,6 +295,10 @@ class TrainConfig:
         for name in ("log_every", "sample_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_train_epochs is not None and self.num_train_epochs < 1:
+            raise ConfigError(f"train.num_train_epochs must be >= 1 or null, got {self.num_train_epochs}")
+        if not self.tracker_project_name.strip():
+            raise ConfigError("train.tracker_project_name must not be empty")
 
 
 @dataclass

@@ -37,6 +37,22 @@ from finetune.objectives import batch_weights, combined_weights, weighted_mse
 logger = logging.getLogger(__name__)
 
 
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` without diffusers' warning about modules to keep in float32 when the model has none (it warns
+    on every cast, naming `[]`); a model that does keep modules in float32 still gets the warning."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(dtype=dtype)
+        return
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 @dataclass
 class TextToImageOptions(InpaintingMaskOptions):
     cache: Literal["none", "memory", "disk"] = option(
@@ -237,8 +253,8 @@ class TextToImageMethod(Method):
         self.vae.requires_grad_(False)
         self.vae.to(self.device).eval()
         vae_dtype = self.family.vae_dtype(self.config, self.weight_dtype)
-        if self.vae.dtype != vae_dtype:  # (diffusers warns about every dtype cast, even a no-op one)
-            self.vae.to(dtype=vae_dtype)
+        if self.vae.dtype != vae_dtype:
+            cast_model(self.vae, vae_dtype)
         denoiser_and_text = [self.denoiser, *self.text_encoders.values()]
         for module in denoiser_and_text:
             module.requires_grad_(False)
@@ -271,6 +287,11 @@ class TextToImageMethod(Method):
     @classmethod
     def model_subfolders(cls, config: Config) -> tuple[str, ...]:
         return local_family(config).subfolders(config)
+
+    def data_source(self):
+        self.family = self.resolve_family()  # (build_source asks the family for its columns and sizes)
+        self.check_family()
+        return self.build_source()
 
     def resolve_family(self) -> Family:
         return resolve_family(self.config)

@@ -33,7 +33,6 @@ from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
 from finetune.methods import get_method_class
 from finetune.outputs import (
-    RUN_SCAFFOLDING,
     log_hyperparameters,
     push_failed_error,
     push_output_folder,
@@ -42,7 +41,8 @@ from finetune.outputs import (
     write_loss_curve,
     write_model_card,
 )
-from finetune.preflight import check_training_inputs
+from finetune.plan import check_output_dir
+from finetune.preflight import check_training_inputs, format_duration, resolve_tracker  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("difftune")
 
@@ -60,17 +60,6 @@ def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.
     return torch.optim.AdamW(parameters, **kwargs)
 
 
-def resolve_tracker(report_to: str) -> str | None:
-    if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-
-            return "tensorboard"
-        except ImportError:
-            return None  # train_log.jsonl is always written
-    return None if report_to in ("none", "jsonl") else report_to
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch on a GPU; peak resident memory of the process on a CPU."""
     if device.type == "cuda":
@@ -78,18 +67,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Never overwrite a finished model or someone's files: a fresh run needs an empty (or absent) folder."""
-    if resuming or not output_dir.exists():
-        return
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in RUN_SCAFFOLDING)
-    if foreign:
-        raise ConfigError(
-            f"train.output_dir {str(output_dir)!r} already holds {', '.join(foreign[:5])}. Choose a new output_dir, "
-            "or resume with checkpoint.resume_from_checkpoint=latest if it holds checkpoints of this run."
-        )
 
 
 @contextlib.contextmanager
@@ -116,9 +93,48 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+# loggers whose INFO lines are not the user's business: accelerate's four lines per checkpoint naming the staging
+# folder (difftune logs one line per checkpoint instead), matplotlib's font cache
+QUIET_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing", "matplotlib")
+
+
+def load_hint(usage: str, output_dir: Path) -> str:
+    """The loading lines of a model card's usage snippet (the pipeline's from_pretrained, then the line naming this
+    run's output), on one line, with the placeholder made this run's folder; empty when the snippet has none."""
+    lines, found = [], False
+    for line in usage.strip().splitlines():
+        code = line.split("  #")[0].strip()
+        if "OUTPUT_DIR_OR_REPO_ID" in code or str(output_dir) in code:
+            lines.append(code.replace("OUTPUT_DIR_OR_REPO_ID", str(output_dir)))
+            found = True
+            break
+        if "from_pretrained(" in code:
+            lines.append(code)
+    return "; ".join(lines) if found else ""
+
+
+def finished_line(output_dir: Path, usage: str, seconds: float, steps: int) -> str:
+    """The last line of a run: where the model is, how to load it, and the wall time."""
+    hint = load_hint(usage, output_dir)
+    load = f"; load it with: {hint}" if hint else ""
+    return f"difftune: done: {steps} steps in {format_duration(seconds)}. The model is in {output_dir}{load}"
+
+
+_first_run = True
+
+
 def train(config: Config) -> Path:
+    global _first_run
+    import finetune
+
+    # the wall time counts from the start of the process (imports included) for its first run
+    started = finetune.STARTED if _first_run else time.monotonic()
+    _first_run = False
     output_dir = Path(config.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for name in QUIET_LOGGERS:
+        if logging.getLogger(name).level < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # cheap checks before accelerate starts and anything loads: the output folder (writable, with room), then every
     # model path; the data comes next, in method.setup()
     check_training_inputs(config)
@@ -197,6 +213,21 @@ def train(config: Config) -> Path:
             num_workers=config.data.num_workers,
         )
 
+    # the length of the run: train.max_train_steps, or train.num_train_epochs passes over the data (each process's
+    # share of the batches, accumulation micro-batches per optimizer step)
+    max_steps = config.train.max_train_steps
+    if config.train.num_train_epochs is not None:
+        per_process = len(dataloader) // accelerator.num_processes
+        max_steps = max(1, config.train.num_train_epochs * per_process // accumulation)
+        if accelerator.is_main_process:
+            logger.info(
+                "train.num_train_epochs=%d: %d optimizer steps (%d batches per epoch per process, %d accumulation)",
+                config.train.num_train_epochs,
+                max_steps,
+                per_process,
+                accumulation,
+            )
+
     # optimizer and LR schedule over the trainable parameters only
     modules = method.trainable_modules()
     parameters = method.trainable_parameters()
@@ -207,7 +238,7 @@ def train(config: Config) -> Path:
         config.optim.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.optim.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.train.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
         num_cycles=config.optim.lr_num_cycles,
         power=config.optim.lr_power,
     )
@@ -248,7 +279,10 @@ def train(config: Config) -> Path:
         truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
         if bucket_sampler is not None:  # images per bucket
             buckets.write_json(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
-        accelerator.init_trackers("difftune")
+        accelerator.init_trackers(
+            config.train.tracker_project_name,
+            init_kwargs={"wandb": {"name": config.train.run_name or output_dir.resolve().name}},
+        )
         log_hyperparameters(accelerator.trackers, config.to_dict())  # once, typed, in the run's own folder
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
@@ -260,10 +294,10 @@ def train(config: Config) -> Path:
             config.train.train_batch_size,
             accelerator.num_processes,
             accumulation,
-            config.train.max_train_steps,
+            max_steps,
         )
     progress = tqdm(
-        total=config.train.max_train_steps,
+        total=max_steps,
         initial=global_step,
         desc="steps",
         disable=not (accelerator.is_main_process and config.train.progress_bar),
@@ -295,7 +329,7 @@ def train(config: Config) -> Path:
                     )
         accelerator.wait_for_everyone()
 
-    while global_step < config.train.max_train_steps:
+    while global_step < max_steps:
         dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         if bucket_sampler is not None:  # (accelerate's shard of a batch sampler does not pass the epoch on)
@@ -325,7 +359,7 @@ def train(config: Config) -> Path:
             method.on_step_end(global_step, ema)
             steps_since_log += 1
             progress.update(1)
-            if global_step % config.train.log_every == 0 or global_step == config.train.max_train_steps:
+            if global_step % config.train.log_every == 0 or global_step == max_steps:
                 mean_loss = accelerator.reduce(torch.stack(recent_losses).mean(), reduction="mean").item()
                 recent_losses.clear()
                 elapsed = time.perf_counter() - step_started
@@ -363,7 +397,7 @@ def train(config: Config) -> Path:
                     config.checkpoint.checkpoints_total_limit,
                     method_state=method.checkpoint_state(),
                 )
-            if global_step >= config.train.max_train_steps:
+            if global_step >= max_steps:
                 break
         epoch += 1
     progress.close()
@@ -379,10 +413,13 @@ def train(config: Config) -> Path:
         with atomic.staged_contents(output_dir, "final-model", then) as staging, averaged_weights(ema, parameters):
             method.save(staging)
         write_loss_curve(log_path, output_dir / "loss_curve.png", then=then)
-        write_model_card(output_dir, config, method.card(), method.options_dict(), global_step, then=then)
+        card = method.card()
+        write_model_card(output_dir, config, card, method.options_dict(), global_step, then=then)
         if config.hub.push_to_hub:
             pushed = push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private) is not None
     accelerator.end_training()
+    if accelerator.is_main_process:
+        print(finished_line(output_dir, card.get("usage", ""), time.monotonic() - started, global_step))
     if not pushed:  # everything local is saved; a script must still see that the push did not happen
         raise push_failed_error(output_dir, config.hub.hub_model_id)
     return output_dir

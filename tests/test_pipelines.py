@@ -277,7 +277,21 @@ def test_an_sd3_folder_saved_without_t5_loads_without_it(flow_models, tmp_path):
 def test_generate_sd3_and_flux_with_a_lora(family, flow_models, tmp_path, capsys):
     base, lora = (str(path) for path in flow_models[family])
     out = tmp_path / "out"
-    argv = [base, "--prompt", PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    argv = [
+        base,
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     negative = ["--negative-prompt", "blurry"] if family == "sd3" else []  # Flux does not use one
 
     def image(*extra: str) -> np.ndarray:

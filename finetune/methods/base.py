@@ -68,6 +68,21 @@ class Method:
         """Check the inputs (cheap checks first), load the models, build `self.train_dataset` (a TrainingExamples)."""
         raise NotImplementedError
 
+    def data_source(self):
+        """The training data, read and checked without loading any model (`difftune train --dry-run`): the source
+        that setup() wraps in TrainingExamples."""
+        build = getattr(self, "build_source", None)
+        if build is not None:
+            return build()
+        from finetune.data import build_image_source
+
+        return build_image_source(self.config.data)
+
+    def plan_lines(self) -> list[str]:
+        """What this method will do before training, for `--dry-run`, after data_source(): e.g. class images to
+        generate. One line each."""
+        return []
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Attribute name -> module holding the trained parameters; the loop wraps them with accelerator.prepare."""
         raise NotImplementedError

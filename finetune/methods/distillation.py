@@ -185,6 +185,11 @@ class ProgressiveDistillation(DDPMFinetune):
         options, diffusion_config, optim = config.method_options, config.diffusion, config.optim
         halvings = options.halvings
         steps = config.train.max_train_steps
+        if config.train.num_train_epochs is not None:
+            raise ConfigError(
+                "train.num_train_epochs: distillation counts optimizer steps per halving; set train.max_train_steps "
+                "(or distillation.iterations_per_halving) and remove train.num_train_epochs"
+            )
         if options.iterations_per_halving is None:
             if steps % halvings:
                 raise ConfigError(

@@ -270,6 +270,16 @@ class DreamBooth(TextToImageMethod):
             self.existing_class_images = self.readable(class_image_files(self.class_dir))
         return instance
 
+    def plan_lines(self) -> list[str]:
+        if not self.options.with_prior_preservation:
+            return []
+        found, wanted = len(self.existing_class_images), self.options.num_class_images
+        todo = f"the base model draws the other {wanted - found} at start" if found < wanted else "none to draw"
+        return [
+            f"prior preservation: {wanted} class images of {self.options.class_prompt!r} in {self.class_dir}: "
+            f"{found} there, {todo} (they add to each epoch's examples)"
+        ]
+
     def check_captions(self, instance: ImageRecords) -> None:
         column, trigger, section = self.config.data.caption_column, self.options.trigger, self.config.method
         missing, untriggered = [], []
