@@ -111,3 +111,33 @@ def test_sampling_off_writes_no_grid(tmp_path, monkeypatch, off):
     out = run_training(tiny_ddpm_recipe(tmp_path / "run", train={"max_train_steps": 4, **off}))
     assert not (out / "samples").exists()
     assert (out / "model_index.json").is_file() and len(losses(out)) == 4
+
+
+def test_bench_gpu_dry_run(tmp_path, capsys):
+    """`make bench-gpu BENCH_GPU_ARGS=--dry-run`: the plan, every recipe checked, FLOPs counted on meta tensors,
+    the diffusers scripts' command lines; nothing built, JSON written."""
+    from benchmarks.bench_gpu import ARCHITECTURES, main
+
+    checkout = tmp_path / "diffusers"
+    for arch in ("sd15", "flux"):
+        script = checkout / ARCHITECTURES[arch]["script"]
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("raise SystemExit('not run in a dry run')\n")
+    out = tmp_path / "bench.json"
+    argv = ["--dry-run", "--families", "sd15", "flux", "--sizes", "512", "--batches", "1", "4"]
+    argv += ["--levers", "baseline", "compile", "--diffusers", str(checkout), "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    # per architecture: 2 baselines, the script on each, 1 lever
+    assert len(runs) == 10 and report["dry_run"] and not (tmp_path / "sd15").exists()
+    assert {r["runner"] for r in runs} == {"difftune", "diffusers"}
+    sd15 = {(r["batch"], r["runner"]): r["figures"] for r in runs if r["arch"] == "sd15" and r["lever"] == "baseline"}
+    # SD 1.5's UNet (0.86B parameters) at 512 px: ~0.8 TFLOP forward, about twice that with the input gradients
+    assert sd15[(1, "difftune")]["denoiser_params_b"] == pytest.approx(0.86, abs=0.01)
+    assert 1.2 < sd15[(1, "difftune")]["step_tflop"] < 2.5
+    assert sd15[(4, "difftune")]["step_tflop"] == pytest.approx(4 * sd15[(1, "difftune")]["step_tflop"])
+    assert "train_text_to_image_lora.py" in printed and "train_dreambooth_lora_flux.py" in printed
+    assert "--train_batch_size=4" in printed and "-m finetune" in printed
+    assert main(["--dry-run", "--diffusers", str(tmp_path / "nowhere"), "--json", str(out)]) == 2
