@@ -193,6 +193,19 @@ def step_flops(arch: str, batch: int, resolution: int, flux_blocks: tuple[int, i
 
 def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_layers: int = 2) -> Path:
     """Save the architecture as a diffusers pipeline folder with random bf16 weights, built on the GPU (fast)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = make_pipeline(arch, flux_blocks, t5_layers, device)
+    pipeline.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    del pipeline
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out_dir
+
+
+def make_pipeline(arch: str, flux_blocks: tuple[int, int], t5_layers: int, device: str):
+    """The architecture's diffusers pipeline with random weights on `device` ('meta' in a dry run: nothing built)."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL
@@ -200,7 +213,6 @@ def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_la
 
     from tests.tiny_models import FLUX_SCHEDULER_CONFIG, load_tiny_clip_tokenizer, make_tiny_t5_tokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tiny_clip_tokenizer()
     clip_l = clip_config(tokenizer, 768, 12, 12, 3072)
     vae_config = dict(
@@ -271,22 +283,26 @@ def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_la
                     unet=denoiser,
                     scheduler=scheduler,
                 )
-    pipeline.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
-    del pipeline
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out_dir
+    return pipeline
 
 
 def make_images(folder: Path, resolution: int, count: int = 16) -> Path:
-    """`count` captioned images (metadata.jsonl, the `datasets` imagefolder layout both sides read)."""
+    """`count` captioned images (metadata.jsonl, the `datasets` imagefolder layout both sides read), and the same
+    images alone in `<folder>-plain` (the DreamBooth scripts open every file of their folder as an image)."""
     from tests.tiny_models import make_test_images
 
     paths = make_test_images(folder, count, size=resolution)
+    plain = plain_folder(folder)
+    plain.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as handle:
         for i, path in enumerate(paths):
             handle.write(json.dumps({"file_name": path.name, "text": f"a toy picture {i}"}) + "\n")
+            (plain / path.name).symlink_to(path)
     return folder
+
+
+def plain_folder(folder: Path) -> Path:
+    return folder.with_name(folder.name + "-plain")
 
 
 # -- one run ----------------------------------------------------------------------------------------------------------
@@ -355,7 +371,7 @@ def diffusers_command(run: Run, checkout: Path, base: Path, data: Path, output_d
         "--dataloader_num_workers=4",
     ]
     if run.arch == "flux":
-        return [str(script), f"--instance_data_dir={data}", "--instance_prompt=a toy picture", *common]
+        return [str(script), f"--instance_data_dir={plain_folder(data)}", "--instance_prompt=a toy picture", *common]
     return [str(script), f"--train_data_dir={data}", "--caption_column=text", *common]
 
 
@@ -446,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"[{number}/{len(runs)}] {run.runner:9s} {run.arch:5s} {run.resolution:4d}px batch {run.batch} "
             label += f"{run.lever:22s} {flops / 1e12:8.2f} TFLOP/step"
             if args.dry_run:
+                if run.arch not in bases:  # the pipeline's constructor with every part on the meta device
+                    bases[run.arch] = make_pipeline(run.arch, flux_blocks, 2, "meta") and base
                 print(f"{label}  would run: {' '.join(command)}")
                 continue
             if run.arch not in bases:
@@ -466,19 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     ratios = []
     for run in runs:
         if run.runner == "diffusers" and run.figures.get("s_per_step"):
-            ours = next(
-                (
-                    r
-                    for r in runs
-                    if r.runner == "difftune"
-                    and (r.arch, r.resolution, r.batch, r.lever) == (run.arch, run.resolution, run.batch, run.lever)
-                ),
-                None,
-            )
-            if ours and ours.figures.get("s_per_step"):
-                ratio = run.figures["s_per_step"] / ours.figures["s_per_step"]
-                ratios.append({"arch": run.arch, "resolution": run.resolution, "batch": run.batch, "speedup": ratio})
-                print(f"{run.arch} {run.resolution}px batch {run.batch}: diffusers / difftune s/step = {ratio:.2f}x")
+            # the script against difftune's baseline (latents cached) and, where measured, without the cache
+            for ours in runs:
+                shape = (ours.arch, ours.resolution, ours.batch)
+                if ours.runner != "difftune" or shape != (run.arch, run.resolution, run.batch):
+                    continue
+                if ours.lever in ("baseline", "no_cache") and ours.figures.get("s_per_step"):
+                    ratio = run.figures["s_per_step"] / ours.figures["s_per_step"]
+                    ratios.append(dict(zip(("arch", "resolution", "batch"), shape), lever=ours.lever, speedup=ratio))
+                    print(
+                        f"{run.arch} {run.resolution}px batch {run.batch} {ours.lever}: "
+                        f"diffusers s/step / difftune's = {ratio:.2f}x"
+                    )
     report = {
         "device": gpu,
         "peak_tflops": peak,
