@@ -141,3 +141,15 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     assert "train_text_to_image_lora.py" in printed and "train_dreambooth_lora_flux.py" in printed
     assert "--train_batch_size=4" in printed and "-m finetune" in printed
     assert main(["--dry-run", "--diffusers", str(tmp_path / "nowhere"), "--json", str(out)]) == 2
+
+
+def test_channels_last_model_saves_and_checkpoints(tmp_path):
+    """A whole denoiser in channels-last order (not contiguous) still saves: safetensors takes contiguous tensors."""
+    from diffusers import DDPMPipeline
+
+    recipe = tiny_ddpm_recipe(
+        tmp_path / "run", train={"max_train_steps": 2, "channels_last": True}, checkpoint={"checkpointing_steps": 1}
+    )
+    out = run_training(recipe)
+    assert (out / "checkpoint-2").is_dir()
+    DDPMPipeline.from_pretrained(out)
