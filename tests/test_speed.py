@@ -153,3 +153,23 @@ def test_channels_last_model_saves_and_checkpoints(tmp_path):
     out = run_training(recipe)
     assert (out / "checkpoint-2").is_dir()
     DDPMPipeline.from_pretrained(out)
+
+
+def test_lever_options_resolve_and_check():
+    import torch
+
+    from finetune.config import DataConfig, TrainConfig
+    from finetune.speed import adamw_options, dataloader_options
+
+    assert adamw_options("auto", torch.device("cuda")) == {"fused": True}
+    assert adamw_options("auto", torch.device("cpu")) == {}
+    assert adamw_options("for_loop", torch.device("cuda")) == {"foreach": False}
+    assert dataloader_options(DataConfig()) == {"num_workers": 0, "pin_memory": False}
+    options = dataloader_options(DataConfig(num_workers=2, prefetch_factor=4))
+    assert options["persistent_workers"] and options["prefetch_factor"] == 4
+    assert options["pin_memory"] == torch.cuda.is_available()
+    with pytest.raises(ConfigError, match="data.prefetch_factor .* needs data.num_workers > 0"):
+        DataConfig(prefetch_factor=2)
+    with pytest.raises(ConfigError, match="train.sample_every must be >= 0, or -1"):
+        TrainConfig(sample_every=-2)
+    assert not TrainConfig(num_samples=0).samples_on and not TrainConfig(sample_every=-1).samples_on
