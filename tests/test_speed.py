@@ -60,7 +60,8 @@ def test_lever_trains_to_the_same_loss(tiny_sd_dir, captioned_folder, tmp_path, 
 
 @pytest.mark.skipif(
     not os.environ.get("DIFFTUNE_SLOW_TESTS"),
-    reason="inductor compiles C++ for each block on a CPU (~1 min here): set DIFFTUNE_SLOW_TESTS=1",
+    reason="inductor compiles C++ for the blocks on a CPU (418 s on the shared 2 cores, load ~13): set "
+    "DIFFTUNE_SLOW_TESTS=1",
 )
 def test_compile_inductor(tiny_sd_dir, captioned_folder, tmp_path, baseline):  # noqa: F811
     got = run_lora(tiny_sd_dir, captioned_folder, tmp_path / "run", train={"compile": True})
