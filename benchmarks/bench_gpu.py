@@ -309,12 +309,13 @@ def plain_folder(folder: Path) -> Path:
 WRAPPER = r"""
 import atexit, json, os, runpy, sys, time
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 times = []
 def _step(optimizer, args, kwargs):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     times.append(time.perf_counter())
-torch.optim.optimizer.register_optimizer_step_post_hook(_step)
+register_optimizer_step_post_hook(_step)
 def _report():
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     with open(os.environ["BENCH_GPU_OUT"], "w") as handle:

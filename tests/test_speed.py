@@ -174,3 +174,16 @@ def test_lever_options_resolve_and_check():
     with pytest.raises(ConfigError, match="train.sample_every must be >= 0, or -1"):
         TrainConfig(sample_every=-2)
     assert not TrainConfig(num_samples=0).samples_on and not TrainConfig(sample_every=-1).samples_on
+
+
+def test_bench_gpu_wrapper_times_every_optimizer_step(tmp_path):
+    """The clock both sides of `make bench-gpu` run under: an unmodified script, one time per optimizer step."""
+    from benchmarks.bench_gpu import execute
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, torch\nassert sys.argv[1:] == ['--steps=5']\np = torch.nn.Parameter(torch.ones(2))\n"
+        "optimizer = torch.optim.AdamW([p])\nfor _ in range(5):\n    p.sum().backward()\n    optimizer.step()\n"
+    )
+    figures = execute([str(script), "--steps=5"], 1, {})
+    assert figures["steps"] == 5 and figures["s_per_step"] > 0, figures
