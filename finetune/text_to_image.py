@@ -392,6 +392,10 @@ class TextToImageMethod(Method):
                 modules[name] = module
         return modules
 
+    def compute_modules(self) -> list[torch.nn.Module]:
+        """The denoiser, trained or frozen (Textual Inversion trains an embedding but runs the UNet every step)."""
+        return [self.denoiser]
+
     def parameter_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
         """With `text_encoder_lr` (LoRA and DreamBooth options, kohya's setting), the text encoders' parameters learn
         at their own rate; the UNet's at optim.lr."""

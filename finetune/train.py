@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from finetune import atomic, buckets
+from finetune import atomic, buckets, speed
 from finetune import checkpoint as ckpt
 from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
@@ -47,8 +47,11 @@ from finetune.preflight import check_training_inputs, format_duration, resolve_t
 logger = logging.getLogger("difftune")
 
 
-def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' AdamW8bit) over `parameters`: tensors, or param groups that may set their own lr."""
+def build_optimizer(
+    config: Config, parameters: list, lr: float, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over `parameters`: tensors, or param groups that may set their own lr;
+    torch AdamW's kernels (fused, foreach) from optim.adamw_implementation and the device."""
     optim = config.optim
     kwargs = dict(
         lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay
@@ -57,7 +60,8 @@ def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, **kwargs)
+    implementation = speed.adamw_options(config.optim.adamw_implementation, device or torch.device("cpu"))
+    return torch.optim.AdamW(parameters, **kwargs, **implementation)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,7 +148,9 @@ def train(config: Config) -> Path:
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.train.seed, non_blocking=speed.pin_memory(config.data)
+        ),
         log_with=resolve_tracker(config.train.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.process_group_timeout_s))],
@@ -155,6 +161,7 @@ def train(config: Config) -> Path:
             f"the launcher started {launched} processes but they did not join one process group: each would train "
             "alone and write the same files. On CPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
         )
+    speed.check_mixed_precision(accelerator.mixed_precision, accelerator.device, config)  # before anything loads
     resume_path = ckpt.resolve_resume(config.checkpoint.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir, resuming=resume_path is not None)
@@ -166,6 +173,7 @@ def train(config: Config) -> Path:
     # method: check inputs, load models, build the dataset
     method = get_method_class(config.method)(config, accelerator)
     method.setup()
+    speed.apply_levers(config.train, method.compute_modules())  # train.channels_last, train.compile
     dataset = method.train_dataset
     global_batch = config.train.train_batch_size * accelerator.num_processes * accumulation
     if len(dataset) < config.train.train_batch_size * accelerator.num_processes:
@@ -188,6 +196,7 @@ def train(config: Config) -> Path:
             max(1, distinct // accelerator.num_processes),
         )
     bucket_sampler = None
+    loader_options = speed.dataloader_options(config.data)  # workers, pinned memory
     if config.data.aspect_buckets:
         # every global batch from one bucket, cut into one slice per process; the order from (seed, epoch)
         bucket_sampler = buckets.make_sampler(
@@ -199,7 +208,7 @@ def train(config: Config) -> Path:
             config.train.seed,
         )
         dataloader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, num_workers=config.data.num_workers
+            dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, **loader_options
         )
         if accelerator.is_main_process:
             buckets.log_table(dataset, bucket_sampler)
@@ -210,7 +219,7 @@ def train(config: Config) -> Path:
             shuffle=True,
             drop_last=True,  # equal batches on every process and every step
             collate_fn=collate_examples,
-            num_workers=config.data.num_workers,
+            **loader_options,
         )
 
     # the length of the run: train.max_train_steps, or train.num_train_epochs passes over the data (each process's
@@ -232,7 +241,9 @@ def train(config: Config) -> Path:
     modules = method.trainable_modules()
     parameters = method.trainable_parameters()
     lr_scale = global_batch if config.optim.scale_lr else 1
-    optimizer = build_optimizer(config, method.parameter_groups(lr_scale), config.optim.lr * lr_scale)
+    optimizer = build_optimizer(
+        config, method.parameter_groups(lr_scale), config.optim.lr * lr_scale, accelerator.device
+    )
     # a prepared scheduler steps once per process on every optimizer step, hence the factor
     lr_scheduler = get_scheduler(
         config.optim.lr_scheduler,
@@ -312,6 +323,8 @@ def train(config: Config) -> Path:
                 handle.write(json.dumps(record) + "\n")  # a kill mid-line leaves a line that readers skip
 
     def write_samples(tag: str) -> None:
+        if not config.train.samples_on:  # train.num_samples=0 / sample_every=-1: no grids at all
+            return
         if accelerator.is_main_process:
             with averaged_weights(ema, parameters):
                 images = method.sample(config.train.num_samples, seed=config.train.seed)
@@ -375,7 +388,7 @@ def train(config: Config) -> Path:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
                 append_log(logs)
-            if config.train.sample_every and global_step % config.train.sample_every == 0:
+            if config.train.sample_every > 0 and global_step % config.train.sample_every == 0:
                 write_samples(f"step-{global_step:06d}")
             if config.train.eval_every and global_step % config.train.eval_every == 0:
                 with averaged_weights(ema, parameters):

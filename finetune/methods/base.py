@@ -99,6 +99,11 @@ class Method:
         One group at optim.lr by default."""
         return [{"params": self.trainable_parameters()}]
 
+    def compute_modules(self) -> list[torch.nn.Module]:
+        """The modules that do most of a step's work, where train.compile and train.channels_last apply (the
+        denoiser); by default the trained ones. Called after setup(), before accelerator.prepare."""
+        return list(self.trainable_modules().values())
+
     def before_training(self, ema: Any | None) -> None:
         """Work done once after the models are prepared, e.g. caching latents. Runs on every process. `ema` is the
         loop's average of the trainable parameters (diffusers EMAModel; None without ema.use_ema)."""
