@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -86,9 +87,34 @@ def files_digest(paths: Iterable[str | None]) -> str:
     return hasher.hexdigest()
 
 
+class _LogLines:
+    """A file for tqdm that logs each state of the bar as one INFO line (a log file, not a terminal)."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            logger.info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
 def progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar in images, with images/s and the ETA (main process only)."""
-    return tqdm(total=total, desc=description, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+    """A tqdm bar in images, with images/s and the ETA (main process only). Without a terminal (a job's log file),
+    one log line every 30 s instead, once the phase has lasted 30 s (short phases log only their start and end)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=description, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        total=total,
+        desc=description,
+        unit="img",
+        disable=not enabled,
+        file=_LogLines(),
+        delay=30,
+        mininterval=30,
+        ascii=True,
+        ncols=100,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
