@@ -259,8 +259,8 @@ class ShardedMoments(Mapping):
     """(row, flipped) -> moments, read per lookup from memory-mapped shards (a few open at a time): the RAM it takes is
     the index (a few dozen bytes per example) and the open shards' touched pages, whatever the dataset's size."""
 
-    def __init__(self, folder: Path, shards: list[Shard], dtype: torch.dtype = torch.float32):
-        self.folder, self.dtype = folder, dtype
+    def __init__(self, folder: Path, shards: list[Shard]):
+        self.folder = folder
         self.files = [folder / shard.name for shard in shards]
         self.index: dict[Key, int] = {}
         for number, path in enumerate(self.files):
@@ -279,7 +279,7 @@ class ShardedMoments(Mapping):
             while len(self.handles) >= OPEN_SHARDS:
                 self.handles.popitem(last=False)
         self.handles[number] = handle
-        return handle.get_tensor(moments_key(key)).to(self.dtype)
+        return handle.get_tensor(moments_key(key))  # (in the stored dtype)
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self.index)
