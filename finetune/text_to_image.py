@@ -37,6 +37,8 @@ from finetune.objectives import batch_weights, combined_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
 
+TEXT_BATCH = 32  # captions encoded at once for the text cache
+
 
 @dataclass
 class TextToImageOptions(InpaintingMaskOptions):
@@ -456,7 +458,12 @@ class TextToImageMethod(Method):
             text = LatentCache.load_text(path, fingerprint) if path is not None else None
             if text is None:
                 start = time.perf_counter()
-                text = {t: {key: value[0].cpu() for key, value in self.encode_text([t]).items()} for t in texts}
+                text = {}
+                for first in range(0, len(texts), TEXT_BATCH):  # in batches: 100k captions one by one take hours
+                    chunk = texts[first : first + TEXT_BATCH]
+                    encoded = self.encode_text(chunk)
+                    for i, t in enumerate(chunk):
+                        text[t] = {key: value[i].cpu().clone() for key, value in encoded.items()}
                 if self.accelerator.is_main_process:
                     logger.info("cache: encoded %d captions in %.1f s", len(texts), time.perf_counter() - start)
                 if path is not None and self.accelerator.is_main_process:
