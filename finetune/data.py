@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,14 +35,7 @@ from PIL import Image
 from finetune.buckets import Bucket, BucketPlan, bucket_name, cover_geometry
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
-from finetune.imaging import (  # live there
-    EXIF_ORIENTATION,
-    IMAGE_EXTENSIONS,
-    ImageTooLarge,
-    check_image,
-    open_image,
-    to_mode,
-)
+from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
 from finetune.masks import LossMasks, is_loss_mask_file
 
 logger = logging.getLogger(__name__)
@@ -140,6 +132,9 @@ def find_unreadable_images(
     """Check every image (`imaging.check_image`: PNG chunks verified, JPEG decoded at 1/8 scale, other formats
     decoded); return (index, name, reason) for the ones that cannot be read (or, with `max_pixels`, are too large:
     their reason starts with 'too large'). The main process shows a bar (images/s, ETA) and logs start and end."""
+    import time
+
+    from finetune.imaging import check_image
     from finetune.latent_cache import format_rate, progress_bar
 
     def check(item: tuple[int, Any]):
@@ -157,7 +152,7 @@ def find_unreadable_images(
         logger.info("data: verifying %d images (data.verify_images)", len(sources))
     start, found = time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=num_threads) as pool, progress_bar(len(sources), "verifying", main) as bar:
-        for bad in pool.map(check, enumerate(sources), chunksize=64):
+        for bad in pool.map(check, enumerate(sources)):
             bar.update(1)
             if bad is not None:
                 found.append(bad)
