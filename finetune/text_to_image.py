@@ -408,7 +408,7 @@ class TextToImageMethod(Method):
         shards = lc.plan_shards(self.example_bytes(), int(self.options.cache_shard_mb * 2**20))
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic.remove_stale_temporaries(folder)  # a killed run's half-written shard
+            atomic.remove_stale_temporaries(folder, cache_dir)  # a killed run's half-written shard (or text cache)
         accelerator.wait_for_everyone()
         start = time.perf_counter()
         done = lc.write_shards(
