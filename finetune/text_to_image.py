@@ -13,9 +13,8 @@ the denoiser gets the channels the family's inpainting pipeline builds, and the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,18 +22,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from finetune import atomic, diffusion
+from finetune import latent_cache as lc
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
 from finetune.families import local_family, pipeline_class_name, resolve_family
 from finetune.families.base import Family
+from finetune.imaging import record_path
+from finetune.latent_cache import LatentCache
 from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks, pixel_loss_weights
 from finetune.methods.base import Method, eval_mode
 from finetune.objectives import batch_weights, combined_weights, weighted_mse
 
 logger = logging.getLogger(__name__)
+
+TEXT_BATCH = 32  # captions encoded at once for the text cache
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -60,7 +63,15 @@ class TextToImageOptions(InpaintingMaskOptions):
         "Encode every image with the VAE (and every caption with frozen text encoders) once before training: "
         "'memory', or 'disk' (safetensors reused by later runs on the same data).",
     )
-    cache_dir: str | None = option(None, "Folder of the disk cache. None: <output_dir>/.cache.")
+    cache_dir: str | None = option(
+        None,
+        "Folder of the disk cache (share one between runs on the same data). None: <output_dir>/.cache.",
+    )
+    cache_shard_mb: float = option(
+        128.0,
+        "Disk cache: the most a shard file holds (MB, and at most 1024 images); each is written as it fills and "
+        "kept if the run is killed.",
+    )
     caption_dropout: float = option(
         0.0, "Probability of training on the empty prompt, so classifier-free guidance keeps working."
     )
@@ -76,6 +87,8 @@ class TextToImageOptions(InpaintingMaskOptions):
 
     def __post_init__(self):
         InpaintingMaskOptions.__post_init__(self)
+        if self.cache_shard_mb <= 0:
+            raise ConfigError(f"cache_shard_mb must be positive, got {self.cache_shard_mb}")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         parse_sizes(self.validation_sizes)
@@ -94,43 +107,6 @@ def parse_sizes(sizes: list[str]) -> list[tuple[int, int]]:
             raise ConfigError(f"validation_sizes: {size!r} has a zero side")
         parsed.append((int(width), int(height)))
     return parsed
-
-
-class LatentCache:
-    """VAE posterior moments per (row, flipped), and the text conditioning (a few named tensors) per caption."""
-
-    def __init__(self):
-        self.moments: dict[tuple[int, bool], torch.Tensor] = {}
-        self.text: dict[str, dict[str, torch.Tensor]] = {}
-
-    def save(self, path: Path, fingerprint: str) -> None:
-        tensors = {f"m/{row}/{int(flip)}": t.contiguous() for (row, flip), t in self.moments.items()}
-        texts = sorted(self.text)
-        for i, text in enumerate(texts):
-            tensors.update({f"t/{i}/{key}": value.contiguous() for key, value in self.text[text].items()})
-        then = "run the training again, or keep the cache in memory (e.g. lora.cache=memory)"
-        with atomic.atomic_path(path, then=then) as staging:  # a killed job never leaves half a cache to load
-            save_file(tensors, str(staging), metadata={"fingerprint": fingerprint, "texts": json.dumps(texts)})
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: str) -> LatentCache | None:
-        from safetensors import safe_open
-
-        if not path.is_file():
-            return None
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata()
-        if metadata.get("fingerprint") != fingerprint:
-            return None
-        tensors, cache = load_file(str(path)), cls()
-        texts = json.loads(metadata["texts"])
-        for key, value in tensors.items():
-            kind, *rest = key.split("/")
-            if kind == "m":
-                cache.moments[(int(rest[0]), bool(int(rest[1])))] = value
-            else:
-                cache.text.setdefault(texts[int(rest[0])], {})[rest[1]] = value
-        return cache
 
 
 class TextToImageMethod(Method):
@@ -414,15 +390,12 @@ class TextToImageMethod(Method):
         if self.options.cache == "none":
             return
         cache_dir = Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
-        fingerprint = self.cache_fingerprint()
-        path = cache_dir / f"latents-{fingerprint[:16]}.safetensors"
-        with self.accelerator.main_process_first():
-            cache = LatentCache.load(path, fingerprint) if self.options.cache == "disk" else None
-            if cache is None:
-                cache = self.build_cache()
-                if self.options.cache == "disk" and self.accelerator.is_main_process:
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    cache.save(path, fingerprint)
+        if self.options.cache == "disk":
+            cache = LatentCache(self.disk_moments(cache_dir))
+        else:
+            cache = LatentCache(self.memory_moments())
+        if not self.text_encoder_trains:
+            cache.text = self.text_cache(cache_dir if self.options.cache == "disk" else None)
         self.cache = cache
         logger.info("cached %d latents and %d text embeddings", len(cache.moments), len(cache.text))
         source = self.train_dataset.source
@@ -430,6 +403,102 @@ class TextToImageMethod(Method):
             source.decode_pixels = False  # the latents come from the cache: stop decoding and resizing every step
         if cache.text:
             self.free_text_encoders()
+
+    @property
+    def cache_flips(self) -> tuple[bool, ...]:
+        return (False, True) if self.config.data.random_flip else (False,)
+
+    def memory_moments(self) -> dict[tuple[int, bool], torch.Tensor]:
+        """Every example's moments in RAM (cache=memory), in the training dtype; every process encodes them all."""
+        source, moments = self.train_dataset.source, {}
+        main = self.accelerator.is_main_process
+        if main:
+            logger.info("cache: encoding the latents of %d images (in memory)", len(source))
+        bar = lc.progress_bar(len(source), "caching latents", main and self.config.train.progress_bar)
+        start = time.perf_counter()
+        for keys, values, count in self.encode_examples(list(range(len(source)))):
+            moments.update({key: value.to(self.weight_dtype) for key, value in zip(keys, values)})
+            bar.update(count)
+        bar.close()
+        if main:
+            logger.info("cache: encoded %s", lc.format_rate(len(source), time.perf_counter() - start))
+        return moments
+
+    def disk_moments(self, cache_dir: Path) -> lc.ShardedMoments:
+        """The sharded disk cache (finetune/latent_cache.py): the shards not on disk yet are encoded, each process its
+        share, then every process reads all of them lazily."""
+        accelerator = self.accelerator
+        fingerprint = self.cache_fingerprint()
+        folder = cache_dir / f"latents-{fingerprint[:16]}"
+        shards = lc.plan_shards(self.example_bytes(), int(self.options.cache_shard_mb * 2**20))
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temporaries(folder, cache_dir)  # a killed run's half-written shard (or text cache)
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        done = lc.write_shards(
+            folder,
+            shards,
+            fingerprint,
+            self.encode_examples,
+            self.weight_dtype,
+            accelerator.process_index,
+            accelerator.num_processes,
+            progress=self.config.train.progress_bar,
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            seconds = time.perf_counter() - start
+            logger.info(
+                "cache: encoded %s on %d process(es), %d of %d shards reused; %s holds %.1f MB",
+                lc.format_rate(done["images"], seconds),
+                accelerator.num_processes,
+                done["reused"],
+                done["shards"],
+                folder,
+                lc.disk_size(folder) / 1e6,
+            )
+        return lc.ShardedMoments(folder, shards)
+
+    def example_bytes(self) -> list[int]:
+        """The bytes each example's cached moments take (both flips with data.random_flip), in source order."""
+        source = self.train_dataset.source
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        channels = 2 * self.vae.config.latent_channels
+        per_value = torch.empty((), dtype=self.weight_dtype).element_size() * channels * len(self.cache_flips)
+        if self.config.data.aspect_buckets:
+            return [per_value * (w // factor) * (h // factor) for w, h in source.example_buckets()]
+        side = self.config.data.resolution // factor
+        return [per_value * side * side] * len(source)
+
+    def text_cache(self, cache_dir: Path | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Every caption's conditioning (and the empty prompt's), from `text-<fingerprint>.safetensors` in the disk
+        cache when it is there (the main process writes it)."""
+        texts = sorted({""} | set(self.all_captions()))
+        path = None
+        if cache_dir is not None:
+            fingerprint = self.text_fingerprint(texts)
+            path = cache_dir / f"text-{fingerprint[:16]}.safetensors"
+        with self.accelerator.main_process_first():
+            text = LatentCache.load_text(path, fingerprint) if path is not None else None
+            if text is None:
+                start = time.perf_counter()
+                text = {}
+                for first in range(0, len(texts), TEXT_BATCH):  # in batches: 100k captions one by one take hours
+                    chunk = texts[first : first + TEXT_BATCH]
+                    encoded = self.encode_text(chunk)
+                    for i, t in enumerate(chunk):
+                        text[t] = {key: value[i].cpu().clone() for key, value in encoded.items()}
+                if self.accelerator.is_main_process:
+                    logger.info("cache: encoded %d captions in %.1f s", len(texts), time.perf_counter() - start)
+                if path is not None and self.accelerator.is_main_process:
+                    cache = LatentCache()
+                    cache.text = text
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    cache.save_text(path, fingerprint)
+            elif self.accelerator.is_main_process:
+                logger.info("cache: %d captions' conditioning read from %s", len(texts), path)
+        return text
 
     @torch.no_grad()
     def free_text_encoders(self) -> None:
@@ -459,59 +528,71 @@ class TextToImageMethod(Method):
         return self.cache is not None and bool(self.cache.text) and not self.text_encoders
 
     def cache_fingerprint(self) -> str:
+        """Everything that changes the cached latents: the VAE (its weights and dtype), the images (paths, sizes,
+        modification times, in order), how they are cut (resolution or each example's bucket, crop, flip, pixel
+        limit) and the storage dtype. Methods with more inputs extend it."""
         data = self.config.data
         source = self.train_dataset.source
-        rows = getattr(source, "indices", range(len(source)))
-        key = [
-            self.config.model.pretrained_model_name_or_path,
-            self.config.model.revision,
-            self.config.model.vae,
-            self.family.name,
-            data.dataset,
-            data.resolution,
-            data.center_crop,
-            data.random_flip,
-            str(self.weight_dtype),
-            len(rows),
-            self.text_encoder_trains,
-            type(self).__name__,
-        ]
+        key = {
+            "vae": lc.module_digest(self.vae),
+            "family": self.family.name,
+            "dataset": [data.dataset, data.dataset_config_name, data.split],
+            "images": lc.files_digest(source_paths(source)),
+            "examples": len(source),
+            "resolution": data.resolution,
+            "center_crop": data.center_crop,
+            "flips": self.cache_flips,
+            "channels": data.channels,
+            "max_image_pixels": data.max_image_pixels,
+            "dtype": str(self.weight_dtype),
+        }
         if data.aspect_buckets:  # the latents' shapes: every example's bucket
-            key.append([list(bucket) for bucket in self.train_dataset.example_buckets()])
-        return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+            key["buckets"] = [list(bucket) for bucket in source.example_buckets()]
+        return lc.digest(key)
+
+    def text_fingerprint(self, texts: list[str]) -> str:
+        """Everything that changes the cached text conditioning: the text encoders (the base model, which of them)
+        and the texts."""
+        model = self.config.model
+        key = {
+            "model": [model.pretrained_model_name_or_path, model.revision, sorted(model.drop_text_encoders)],
+            "family": self.family.name,
+            "encoders": {name: lc.module_config(m) for name, m in self.text_encoders.items()},
+            "dtype": str(self.weight_dtype),
+            "texts": lc.digest(texts),
+        }
+        return lc.digest(key)
 
     @torch.no_grad()
-    def build_cache(self) -> LatentCache:
-        cache = LatentCache()
+    def encode_examples(self, indices: list[int]):
+        """Yield (keys (row, flipped), moments [B, 2C, h, w] in fp32 on the CPU, images) per VAE batch of up to 16,
+        for the examples `indices` of the source; a new bucket shape starts a new batch."""
         source = self.train_dataset.source
-        flips = (False, True) if self.config.data.random_flip else (False,)
+        flips = self.cache_flips
         rng = np.random.default_rng(0)  # unused by center crops; flips are applied explicitly below
-        batch_rows, batch_pixels = [], []
+        keys: list[tuple[int, bool]] = []
+        batch: list[torch.Tensor] = []
 
         def flush():
-            pixels = torch.stack(batch_pixels).to(self.device, self.vae.dtype)
+            pixels = torch.stack(batch).to(self.device, self.vae.dtype)
             moments = self.vae.encode(pixels).latent_dist.parameters.float().cpu()
-            for key, value in zip(batch_rows, moments):
-                cache.moments[key] = value
-            batch_rows.clear()
-            batch_pixels.clear()
+            done = (list(keys), moments, len(keys) // len(flips))
+            keys.clear()
+            batch.clear()
+            return done
 
-        for index in range(len(source)):
+        for index in indices:
             example = source.get(index, rng)
             pixels = example["pixel_values"].flip(-1) if example["flipped"] else example["pixel_values"]
-            if batch_pixels and pixels.shape != batch_pixels[0].shape:  # another bucket: encode the ones so far
-                flush()
+            if batch and pixels.shape != batch[0].shape:  # another bucket: encode the ones so far
+                yield flush()
             for flip in flips:
-                batch_rows.append((example["row"], flip))
-                batch_pixels.append(pixels.flip(-1) if flip else pixels)
-                if len(batch_rows) == 16:
-                    flush()
-        if batch_rows:
-            flush()
-        if not self.text_encoder_trains:
-            for text in sorted({""} | set(self.all_captions())):
-                cache.text[text] = {key: value[0].cpu() for key, value in self.encode_text([text]).items()}
-        return cache
+                keys.append((example["row"], flip))
+                batch.append(pixels.flip(-1) if flip else pixels)
+                if len(keys) == 16:
+                    yield flush()
+        if keys:
+            yield flush()
 
     def all_captions(self) -> list[str]:
         """Every caption the dataset can produce (for the text-embedding cache)."""
@@ -534,7 +615,8 @@ class TextToImageMethod(Method):
     def latent_moments(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.cache is not None:
             keys = zip(batch["row"].tolist(), batch["flipped"].tolist())
-            return torch.stack([self.cache.moments[(row, bool(flip))] for row, flip in keys]).to(self.device)
+            moments = [self.cache.moments[(row, bool(flip))] for row, flip in keys]
+            return torch.stack(moments).to(self.device, torch.float32)
         with torch.no_grad():
             pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
             return self.vae.encode(pixels).latent_dist.parameters.float()
@@ -727,3 +809,13 @@ result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, 
     def pipeline_tag(self) -> str:
         """The Hub task of the model card's metadata."""
         return "image-to-image" if self.inpainting else "text-to-image"
+
+
+def source_paths(source) -> list[str | None]:
+    """The image files of a source's examples, in order (instance then class images with prior preservation); a
+    record without a file (Hub bytes, the embedded digits) counts by its position."""
+    if hasattr(source, "instance") and hasattr(source, "classes"):
+        return [*source_paths(source.instance), None, *source_paths(source.classes)]
+    if hasattr(source, "image_sources") and hasattr(source, "indices"):
+        return [record_path(source.image_sources[row]) for row in source.indices]
+    return [None] * len(source)

@@ -51,6 +51,41 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
         assert pixels.shape == (3, 8, 8) and pixels.min() >= -1 and pixels.max() <= 1
 
 
+def test_verification_decodes_no_png_pixels_and_jpegs_at_an_eighth_yet_catches_damage(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from finetune.imaging import check_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "good.png")
+    Image.fromarray(pixels).save(tmp_path / "good.jpg", quality=90)
+    png, jpg = (tmp_path / "good.png").read_bytes(), (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (tmp_path / "cut.png").write_bytes(png[: len(png) - 30])
+    flipped = bytearray(png)
+    flipped[png.index(b"IDAT") + 40] ^= 0xFF  # one damaged byte of pixel data: its chunk's CRC no longer matches
+    (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+
+    decoded = []
+    original_load = ImageFile.ImageFile.load
+
+    def load(image):
+        decoded.append((image.format, image.size))
+        return original_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    assert check_image(tmp_path / "good.png") == (80, 64) and decoded == [], "a PNG is verified, not decoded"
+    assert check_image(tmp_path / "good.jpg") == (80, 64) and decoded == [("JPEG", (10, 8))], "JPEG at 1/8 scale"
+    for name in ("cut.jpg", "cut.png", "flipped.png"):
+        with pytest.raises(Exception):  # noqa: B017 - PIL raises OSError or SyntaxError
+            check_image(tmp_path / name)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", original_load)
+    config = DataConfig(dataset=str(tmp_path), resolution=8)
+    skipped = sorted(name.split("/")[-1] for _, name, _ in build_image_source(config).skipped)
+    assert skipped == ["cut.jpg", "cut.png", "flipped.png"]
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_image_mode_converts(channels):
     white16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))

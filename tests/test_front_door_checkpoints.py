@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from finetune import atomic
 from finetune import checkpoint as ckpt
 from finetune.errors import InputError, RunError
+from finetune.latent_cache import shard_metadata
 from tests.helpers import assert_same_tensors, run_training, safetensors_in, tiny_ddpm_recipe
 from tests.tiny_models import make_test_images
 
@@ -51,7 +53,7 @@ def logged_steps(output_dir: Path) -> list[int]:
 
 def kill_point(point: str):
     """(module, function name, condition on its arguments, whether to die before the call) for each kill point."""
-    import finetune.text_to_image as sd
+    import finetune.latent_cache as lc
 
     moves = []
 
@@ -63,7 +65,8 @@ def kill_point(point: str):
     return {
         "first checkpoint": (ckpt, "save_file", lambda state, path, *a: ".checkpoint-3.tmp" in str(path), False),
         "final move": (os, "replace", second_move, True),
-        "disk cache": (sd, "save_file", lambda tensors, path, *a: "latents-" in str(path), False),
+        # the second of three shards is written (under its temporary name), the third not begun
+        "disk cache": (lc, "save_file", lambda tensors, path, *a: ".shard-00001.safetensors." in str(path), False),
     }[point]
 
 
@@ -153,18 +156,35 @@ def lora_recipe(base: Path, data: Path, output_dir: Path) -> dict:
     }
 
 
-def test_sigkill_during_a_disk_cache_write_then_latest_starts_over_exactly(tiny_sd_dir, tmp_path):
+def test_sigkill_during_a_disk_cache_write_resumes_caching_and_training_exactly(tiny_sd_dir, tmp_path, caplog):
+    """Killed while writing the second of three cache shards: the first shard is kept (not encoded again), the
+    half-written one is removed, and the cache and the trained weights end equal to an uninterrupted run's."""
     data = tmp_path / "data"
-    for i, path in enumerate(make_test_images(data, 2, size=64)):
+    for i, path in enumerate(make_test_images(data, 3, size=64)):
         path.with_suffix(".txt").write_text(f"a toy {i}")
-    reference = run_training(lora_recipe(tiny_sd_dir, data, tmp_path / "reference"))
+    shards = "lora.cache_shard_mb=0.04"  # one image per shard (8 x 32 x 32 fp32 moments: 32 KB)
+    reference = run_training(lora_recipe(tiny_sd_dir, data, tmp_path / "reference"), shards)
     out = tmp_path / "run"
-    run_until_killed("disk cache", lora_recipe(tiny_sd_dir, data, out))
-    left = [p.name for p in (out / ".cache").iterdir()]
-    assert len(left) == 1 and atomic.is_temporary(left[0]), left  # no cache under its final name
+    recipe = lora_recipe(tiny_sd_dir, data, out)
+    recipe["lora"]["cache_shard_mb"] = 0.04
+    run_until_killed("disk cache", recipe)
+    (folder,) = (out / ".cache").iterdir()  # (the text cache comes after the latents)
+    left = sorted(p.name for p in folder.iterdir())
+    assert left[1:] == ["shard-00000.safetensors"] and atomic.is_temporary(left[0]), left
+    kept = (folder / "shard-00000.safetensors").stat()
 
-    resumed = run_training(lora_recipe(tiny_sd_dir, data, out), RESUME)
-    assert [p.name for p in (out / ".cache").iterdir()] == [p.name for p in (reference / ".cache").iterdir()]
+    caplog.set_level(logging.INFO)
+    resumed = run_training(lora_recipe(tiny_sd_dir, data, out), RESUME, shards)
+    assert "3 shard(s), 1 already on disk; encoding 2 images" in caplog.text
+    again = (folder / "shard-00000.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns), "the finished shard was rewritten"
+    (expected,) = (reference / ".cache").glob("latents-*")
+    assert folder.name == expected.name
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names and len(names) == 3
+    for name in names:  # (the header's metadata is a hash map: its order differs from file to file)
+        assert shard_metadata(folder / name) == shard_metadata(expected / name)
+        assert_same_tensors(load_file(folder / name), load_file(expected / name), atol=0)
     assert_same_tensors(safetensors_in(resumed), safetensors_in(reference))
 
 
