@@ -55,7 +55,7 @@ def format_guidance_sweep(results: list[dict]) -> str:
     """One line per guidance scale of a class-conditional model (digits classifier), the real baseline below."""
     lines = [
         "guidance sweep (digits classifier features)",
-        f"  {'guidance':>8}  {'accuracy':>8}  {'worst':>6}  {'per class 0-9 (%)':<40} {'FD':>7}  {'KID x 1e3':>9}  "
+        f"  {'guidance':>8}  {'accuracy':>8}  {'worst':>6}  {'per class 0-9 (%)':<42} {'FD':>7}  {'KID x 1e3':>9}  "
         f"{'confident':>9}",
     ]
 
@@ -63,7 +63,7 @@ def format_guidance_sweep(results: list[dict]) -> str:
         per_class = _format_cell(scores, "per_class_accuracy", None)
         return (
             f"  {name:>8}  {scores.get('class_accuracy', float('nan')):8.3f}  "
-            f"{scores.get('min_class_accuracy', float('nan')):6.3f}  {per_class:<40} {scores['fd']:7.4g}  "
+            f"{scores.get('min_class_accuracy', float('nan')):6.3f}  {per_class:<42} {scores['fd']:7.4g}  "
             f"{scores['kid_mean'] * 1e3:9.3f}  {scores['confident_fraction']:9.3f}"
         )
 
