@@ -40,9 +40,11 @@ from finetune.evaluation.metrics import (
     CONFIDENCE_THRESHOLD,
     DigitsEvaluator,
     FeatureDistance,
+    confusion_matrix,
+    per_class_accuracy,
     split_reference_and_heldout,
 )
-from finetune.evaluation.report import format_report, metrics_for_logging
+from finetune.evaluation.report import format_guidance_sweep, format_report, metrics_for_logging
 from finetune.evaluation.sampling import (
     IMAGE_EXTENSIONS,
     load_image_folder,
@@ -61,13 +63,16 @@ __all__ = [
     "InceptionEvaluator",
     "InceptionV3Features",
     "compare_image_folders",
+    "confusion_matrix",
     "evaluate_pipeline",
     "evaluate_pipeline_folder",
+    "format_guidance_sweep",
     "format_report",
     "load_image_folder",
     "load_inception_features",
     "main",
     "metrics_for_logging",
+    "per_class_accuracy",
     "pipeline_accepts_class_labels",
     "sample_pipeline_images",
     "split_reference_and_heldout",
@@ -116,8 +121,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance-scale",
         type=float,
-        help="classifier-free guidance of a class-conditional pipeline trained with label dropout (default: the "
-        "pipeline's)",
+        nargs="+",
+        help="class-conditional pipelines trained with label dropout: one or several scales (a sweep: accuracy, "
+        "per-class accuracy, confusion matrix and FD at each); default: the scale saved with the model",
     )
     parser.add_argument(
         "--inception-weights",
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_real=args.num_real,
                 scheduler=args.scheduler,
                 device=args.device,
-                pipeline_kwargs=None if args.guidance_scale is None else {"guidance_scale": args.guidance_scale},
+                guidance_scales=args.guidance_scale,
             )
         if args.json_path:
             try:

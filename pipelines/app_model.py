@@ -189,7 +189,8 @@ def _set_defaults(served: ServedModel) -> None:
     if kind == "class":
         served.num_classes = int(pipe.config.num_classes or pipe.unet.config.num_class_embeds)
         served.guided = pipe.null_class_label is not None
-        served.default_guidance = (card_guidance or 1.0) if served.guided else None
+        saved = getattr(pipe.config, "guidance_scale", None)  # saved with the model by training
+        served.default_guidance = (saved or card_guidance or 1.0) if served.guided else None
 
 
 def load_served_model(

@@ -1,7 +1,8 @@
 """A DDPM/DDIM pipeline for class-conditional UNet2DModels, with classifier-free guidance (Ho & Salimans 2022).
 
 pipe = ClassConditionalDDPMPipeline.from_pretrained("outputs/digits-class-conditional")
-images = pipe(class_labels=[3, 7], guidance_scale=2.0, num_inference_steps=50).images
+images = pipe(class_labels=[3, 7], num_inference_steps=50).images  # the guidance scale saved with the model
+images = pipe(class_labels=[3, 7], guidance_scale=2.0).images  # or another one
 """
 
 from __future__ import annotations
@@ -15,14 +16,24 @@ from diffusers.utils.torch_utils import randn_tensor
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):
     """unet: a UNet2DModel with `num_class_embeds`; `num_classes`: the real classes. When the model was trained with
-    label dropout, `num_class_embeds == num_classes + 1` and the last embedding is the "no class" label."""
+    label dropout, `num_class_embeds == num_classes + 1` and the last embedding is the "no class" label.
+    `guidance_scale`: the default of `__call__`, saved in model_index.json (training saves its recipe's value), so a
+    user who loads the folder samples with the tuned guidance without knowing it; None means 1 (no guidance)."""
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, num_classes: int | None = None):
+    def __init__(self, unet, scheduler, num_classes: int | None = None, guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(num_classes=num_classes)
+        self.register_to_config(num_classes=num_classes, guidance_scale=guidance_scale)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale used when a call gives none: the saved one, else 1 (plain conditional sampling)."""
+        saved = getattr(self.config, "guidance_scale", None)
+        if saved is None or self.null_class_label is None:
+            return 1.0
+        return float(saved)
 
     @property
     def null_class_label(self) -> int | None:
@@ -35,7 +46,7 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: list[int] | torch.Tensor,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
@@ -44,7 +55,9 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         callback_on_step_end=None,
     ):
         """Sample one image per label. guidance_scale > 1 mixes conditional and unconditional predictions
-        (Ho & Salimans 2022, eq. 6); it needs a model trained with label dropout."""
+        (Ho & Salimans 2022, eq. 6); it needs a model trained with label dropout. None: `default_guidance_scale`."""
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         labels = torch.as_tensor(class_labels, device=self._execution_device).long().flatten()
         embeds = self.unet.config.num_class_embeds
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= (self.null_class_label or embeds):

@@ -124,8 +124,16 @@ def test_class_conditional_trains_and_samples_requested_classes(tmp_path):
         output_type="np",
     ).images
     assert guided.shape == (3, 8, 8, 1) and not np.allclose(guided, plain)
+    # the recipe's guidance is saved with the model and is what a call without guidance_scale uses
+    assert pipe.config.guidance_scale == 2.0 and pipe.default_guidance_scale == 2.0
+    default = pipe(class_labels=labels, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert np.allclose(default, guided)
     other = pipe(
-        class_labels=[1, 4, 8], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np"
+        class_labels=[1, 4, 8],
+        guidance_scale=1.0,
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+        output_type="np",
     ).images
     assert not np.allclose(other, plain), "the class label must change the output"
     with pytest.raises(ValueError, match="class_labels must be integers in"):

@@ -186,16 +186,18 @@ def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(tiny_pipeline_
 
 
 class _DigitsLookupPipeline:
-    """A class-conditional stand-in: returns a real digit of each requested class (or of a wrong one)."""
+    """A class-conditional stand-in: returns a real digit of each requested class (or of a wrong one; `swap` maps a
+    requested class to the class drawn instead)."""
 
-    def __init__(self, wrong_class: bool = False):
+    def __init__(self, wrong_class: bool = False, swap: dict[int, int] | None = None):
         self.images, self.labels = load_digits_tensors(16, "test")
         self.wrong_class = wrong_class
+        self.swap = swap or {}
 
     def __call__(self, class_labels, num_inference_steps=50, generator=None, output_type="np"):
         picks = []
         for label in class_labels:
-            label = (label + 1) % 10 if self.wrong_class else label
+            label = (label + 1) % 10 if self.wrong_class else self.swap.get(label, label)
             candidates = torch.nonzero(self.labels == label).flatten()
             picks.append(candidates[torch.randint(len(candidates), (1,), generator=generator)].item())
         images = (self.images[picks].permute(0, 2, 3, 1).numpy() + 1) / 2  # NHWC in [0, 1], like diffusers "np"
@@ -218,19 +220,53 @@ def test_class_conditional_pipelines_get_labels_and_are_judged_on_them(evaluator
     assert all(isinstance(value, float) for value in logs.values())
 
 
-def test_saved_class_conditional_pipeline_is_found_in_the_pipelines_package(classifier, tmp_path):
+def test_confusion_matrix_and_per_class_accuracy_on_known_labels(evaluator, capsys):
+    requested, predicted = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]), torch.tensor([0, 0, 1, 1, 1, 2, 0, 2, 2])
+    matrix = ev.confusion_matrix(requested, predicted, 4)
+    assert matrix.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
+    assert ev.per_class_accuracy(matrix) == pytest.approx([2 / 3, 1.0, 3 / 4, None])
+    # a "model" that draws a real 5 whenever a 3 is asked for: class 3 is wrong, the rest right
+    result = ev.evaluate_pipeline(
+        _DigitsLookupPipeline(swap={3: 5}), num_samples=200, batch_size=64, digits_evaluator=evaluator
+    )
+    samples = result["digits"]["samples"]
+    rows = samples["confusion_matrix"]
+    assert [sum(row) for row in rows] == [20] * 10, "each class asked for 20 times, in turn"
+    assert rows[3][5] >= 18 and rows[3][3] <= 1 and samples["per_class_accuracy"][3] == rows[3][3] / 20
+    assert samples["min_class_accuracy"] == samples["per_class_accuracy"][3]
+    others = [value for label, value in enumerate(samples["per_class_accuracy"]) if label != 3]
+    right = sum(row[label] for label, row in enumerate(rows))
+    assert min(others) >= 0.85 and samples["class_accuracy"] == pytest.approx(right / 200)
+    baseline = result["digits"]["baseline"]  # the held-out real digits, judged on their true labels
+    assert baseline["min_class_accuracy"] >= 0.85 and len(baseline["confusion_matrix"]) == 10
+    print(ev.format_report(result))
+    report = capsys.readouterr().out
+    assert "confusion matrix (rows: class asked for" in report and "worst class" in report
+
+
+def test_saved_class_conditional_pipeline_is_found_in_the_pipelines_package(classifier, tmp_path, capsys):
     class_conditional = pytest.importorskip("pipelines.class_conditional")
     from diffusers import DDIMScheduler
 
-    unet = make_tiny_unet2d(resolution=8, num_class_embeds=10)
+    unet = make_tiny_unet2d(resolution=8, num_class_embeds=11)  # 10 classes and the "no class" label
     class_conditional.ClassConditionalDDPMPipeline(
-        unet=unet, scheduler=DDIMScheduler(), num_classes=10
+        unet=unet, scheduler=DDIMScheduler(), num_classes=10, guidance_scale=3.0
     ).save_pretrained(tmp_path)
     result = ev.evaluate_pipeline_folder(tmp_path, num_samples=10, steps=2, batch_size=4, print_report=False)
     assert result["settings"]["pipeline_class"] == "ClassConditionalDDPMPipeline"
     assert result["settings"]["class_conditional"] is True
+    assert result["settings"]["guidance_scale"] == 3.0, "sampled at the guidance saved with the model"
     assert 0 <= result["digits"]["samples"]["class_accuracy"] <= 1
     assert "8 px" in result["digits"]["baseline_is"]
+    # a sweep from the command line: every scale scored with the same seed, a table of them, all in the JSON
+    out = tmp_path / "sweep.json"
+    args = [str(tmp_path), "--num-samples", "10", "--steps", "2", "--guidance-scale", "1", "4", "--json", str(out)]
+    assert ev.main(args) == 0
+    sweep = json.loads(out.read_text())["guidance_sweep"]
+    assert [entry["settings"]["guidance_scale"] for entry in sweep] == [1.0, 4.0]
+    assert len(sweep[1]["digits"]["samples"]["confusion_matrix"]) == 10
+    assert sweep[0]["digits"]["samples"]["fd"] != sweep[1]["digits"]["samples"]["fd"]
+    assert "guidance sweep" in capsys.readouterr().out
 
 
 def _write_pngs(folder: Path, images: torch.Tensor) -> None:

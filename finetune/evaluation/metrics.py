@@ -116,6 +116,21 @@ def split_reference_and_heldout(images: torch.Tensor, seed: int = 0) -> tuple[to
     return images[order[:half]], images[order[half:]]
 
 
+def confusion_matrix(requested: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[num_classes, num_classes] counts: row = the class asked for, column = the class the classifier read."""
+    requested, predicted = torch.as_tensor(requested).long().reshape(-1), torch.as_tensor(predicted).long().reshape(-1)
+    if len(requested) != len(predicted):
+        raise ValueError(f"got {len(requested)} requested classes for {len(predicted)} predictions")
+    flat = torch.bincount(requested * num_classes + predicted, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
+    """Each requested class's share read as itself (the diagonal over the row); None for a class never asked for."""
+    totals = matrix.sum(dim=1)
+    return [None if total == 0 else (matrix[i, i] / total).item() for i, total in enumerate(totals)]
+
+
 def _check_image_batch(images: torch.Tensor, what: str) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -191,7 +206,9 @@ class DigitsEvaluator:
         """Metrics of `fake_images` [N, C, H, W] in [-1, 1]; `class_labels` [N] are the classes that were asked for.
 
         Returns fd, kid_mean, kid_std, confident_fraction (max probability > 0.9), predicted_class_histogram (counts
-        per class), num_samples and, when labels are given, class_accuracy (fraction read as the requested class).
+        per class), num_samples and, when labels are given, class_accuracy (fraction read as the requested class),
+        per_class_accuracy (one per class, None for a class never asked for), min_class_accuracy and
+        confusion_matrix (rows: requested class, columns: class read).
         """
         _check_image_batch(fake_images, "fake images")
         features, logits = self._features_and_logits(fake_images)
@@ -206,6 +223,11 @@ class DigitsEvaluator:
             if len(class_labels) != len(fake_images):
                 raise ValueError(f"got {len(class_labels)} class labels for {len(fake_images)} images")
             scores["class_accuracy"] = (predictions == class_labels).double().mean().item()
+            matrix = confusion_matrix(class_labels, predictions, NUM_CLASSES)
+            scores["per_class_accuracy"] = per_class_accuracy(matrix)
+            asked = [value for value in scores["per_class_accuracy"] if value is not None]
+            scores["min_class_accuracy"] = min(asked)
+            scores["confusion_matrix"] = matrix.tolist()
         return scores
 
     def baseline(self, num_samples: int | None = None) -> dict:

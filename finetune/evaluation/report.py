@@ -22,6 +22,8 @@ _ROWS = (
     ("kid", "KID x 1e3", None),
     ("confident_fraction", "confident (p > 0.9)", "{:.3f}"),
     ("class_accuracy", "read as requested class", "{:.3f}"),
+    ("min_class_accuracy", "  worst class", "{:.3f}"),
+    ("per_class_accuracy", "  per class 0-9", None),
     ("predicted_class_histogram", "predicted class counts", "{}"),
     ("num_samples", "images", "{}"),
 )
@@ -32,7 +34,43 @@ def _format_cell(scores: dict, key: str, template: str | None) -> str:
         return f"{scores['kid_mean'] * 1e3:.3f} ± {scores['kid_std'] * 1e3:.3f}"
     if key not in scores:
         return "-"
+    if key == "per_class_accuracy":
+        return " ".join("-" if value is None else f"{round(100 * value):d}" for value in scores[key])
     return template.format(scores[key])
+
+
+def format_confusion_matrix(matrix: list[list[int]], title: str = "confusion matrix") -> list[str]:
+    """Rows: the class asked for; columns: the class the classifier read; the diagonal is right."""
+    width = max(3, len(str(max(max(row) for row in matrix))) + 1)
+    lines = [f"  {title} (rows: class asked for, columns: class read)"]
+    lines.append("  " + " " * 6 + "".join(f"{j:>{width}}" for j in range(len(matrix))) + "   right")
+    for i, row in enumerate(matrix):
+        total = sum(row)
+        share = f"{row[i] / total:7.1%}" if total else "      -"
+        lines.append(f"  {i:>4}  " + "".join(f"{count:>{width}}" for count in row) + f" {share}")
+    return lines
+
+
+def format_guidance_sweep(results: list[dict]) -> str:
+    """One line per guidance scale of a class-conditional model (digits classifier), the real baseline below."""
+    lines = [
+        "guidance sweep (digits classifier features)",
+        f"  {'guidance':>8}  {'accuracy':>8}  {'worst':>6}  {'per class 0-9 (%)':<42} {'FD':>7}  {'KID x 1e3':>9}  "
+        f"{'confident':>9}",
+    ]
+
+    def row(name: str, scores: dict) -> str:
+        per_class = _format_cell(scores, "per_class_accuracy", None)
+        return (
+            f"  {name:>8}  {scores.get('class_accuracy', float('nan')):8.3f}  "
+            f"{scores.get('min_class_accuracy', float('nan')):6.3f}  {per_class:<42} {scores['fd']:7.4g}  "
+            f"{scores['kid_mean'] * 1e3:9.3f}  {scores['confident_fraction']:9.3f}"
+        )
+
+    for result in results:
+        lines.append(row(f"{result['settings'].get('guidance_scale', 1.0):g}", result["digits"]["samples"]))
+    lines.append(row("real", results[0]["digits"]["baseline"]))
+    return "\n".join(lines)
 
 
 def format_report(result: dict) -> str:
@@ -52,6 +90,9 @@ def format_report(result: dict) -> str:
                 continue
             sample_cell, baseline_cell = _format_cell(samples, key, template), _format_cell(baseline, key, template)
             lines.append(f"  {label:26}{sample_cell:>34}    {baseline_cell:>34}")
+        if "confusion_matrix" in samples:
+            lines.append("")
+            lines.extend(format_confusion_matrix(samples["confusion_matrix"]))
     if any(name in result for name in ("digits", "inception")):
         lines += ["", *KID_AND_FD_NOTE]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ images with the digits and/or Inception evaluators, each next to its real-vs-rea
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from finetune.evaluation.inception import INCEPTION_WEIGHTS_HELP, InceptionEvaluator, InceptionV3Features
 from finetune.evaluation.metrics import DigitsEvaluator
-from finetune.evaluation.report import format_report
+from finetune.evaluation.report import format_guidance_sweep, format_report
 from finetune.evaluation.sampling import load_image_folder, sample_pipeline_images
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -51,6 +52,11 @@ def evaluate_pipeline(
     images, labels = sample_pipeline_images(
         pipeline, num_samples, steps, batch_size, seed, class_labels, pipeline_kwargs
     )
+    guidance = {}
+    if labels is not None and "guidance_scale" not in (pipeline_kwargs or {}):
+        default = getattr(pipeline, "default_guidance_scale", None)  # what the pipeline used: the saved one
+        if isinstance(default, (int, float)):
+            guidance = {"guidance_scale": float(default)}
     result: dict = {
         "settings": {
             "num_samples": num_samples,
@@ -59,6 +65,7 @@ def evaluate_pipeline(
             "seed": seed,
             "image_shape": list(images.shape[1:]),
             "class_conditional": labels is not None,
+            **guidance,
             **(pipeline_kwargs or {}),
             "sampling_seconds": round(time.perf_counter() - start, 2),
         }
@@ -109,6 +116,7 @@ def evaluate_pipeline_folder(
     cache_dir: str | Path | None = None,
     pipeline_kwargs: dict | None = None,
     print_report: bool = True,
+    guidance_scales: Sequence[float] | None = None,
 ) -> dict:
     """Load a saved DDPMPipeline / DDIMPipeline folder, sample it and score the samples.
 
@@ -119,6 +127,10 @@ def evaluate_pipeline_folder(
     folder of real images; `num_real` caps the reference (and, for Inception, the held-out) set, which matters for
     Inception on CPU. `pipeline_kwargs` go to every pipeline call (e.g. guidance_scale). Prints a table with the
     real-vs-real baseline next to each figure.
+
+    `guidance_scales` (class-conditional pipelines): sample and score once per scale, with the same seed and
+    evaluators; the result is the first scale's, plus "guidance_sweep": every scale's result, and a sweep table is
+    printed after each scale's report. Without it a class-conditional pipeline samples at its saved default.
     """
     folder = Path(folder).expanduser()
     if inception_weights is not None:
@@ -146,22 +158,35 @@ def evaluate_pipeline_folder(
         inception_evaluator = InceptionEvaluator(
             inception_weights, real_images, resolution=resolution, num_real=num_real, device=device, seed=seed
         )
-    result = evaluate_pipeline(
-        pipeline,
-        num_samples,
-        steps,
-        batch_size,
-        seed,
-        class_labels,
-        digits_evaluator,
-        inception_evaluator,
-        pipeline_kwargs,
-    )
-    result["settings"]["pipeline"] = str(folder)
-    result["settings"]["pipeline_class"] = type(pipeline).__name__
-    result["settings"]["scheduler"] = type(pipeline.scheduler).__name__
-    if print_report:
-        print(format_report(result))
+    if guidance_scales is not None and "class_labels" not in inspect.signature(pipeline.__call__).parameters:
+        raise ValueError(f"{folder} holds a {type(pipeline).__name__}, which takes no guidance: leave out the scales")
+    results = []
+    for scale in guidance_scales or [None]:
+        kwargs = dict(pipeline_kwargs or {})
+        if scale is not None:
+            kwargs["guidance_scale"] = float(scale)
+        result = evaluate_pipeline(
+            pipeline,
+            num_samples,
+            steps,
+            batch_size,
+            seed,
+            class_labels,
+            digits_evaluator,
+            inception_evaluator,
+            kwargs or None,
+        )
+        result["settings"]["pipeline"] = str(folder)
+        result["settings"]["pipeline_class"] = type(pipeline).__name__
+        result["settings"]["scheduler"] = type(pipeline.scheduler).__name__
+        if print_report:
+            print(format_report(result) + "\n", flush=True)
+        results.append(result)
+    result = dict(results[0])
+    if guidance_scales is not None and len(results) > 1:
+        result["guidance_sweep"] = results
+        if print_report and "digits" in result:
+            print(format_guidance_sweep(results))
     return result
 
 

@@ -22,7 +22,11 @@ from pipelines.class_conditional import ClassConditionalDDPMPipeline
 class ClassConditionalOptions(UnconditionalOptions):
     num_classes: int = option(10, "Number of classes; labels must be integers in [0, num_classes).")
     label_dropout: float = option(0.1, "Probability of training with the 'no class' label (enables guidance).")
-    guidance_scale: float = option(1.0, "Classifier-free guidance scale for sample grids and evaluation.")
+    guidance_scale: float = option(
+        1.0,
+        "Classifier-free guidance scale for sample grids and evaluation, saved as the pipeline's default "
+        "(model_index.json), so `pipe(class_labels=[3])` uses it.",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,7 +92,10 @@ class ClassConditionalDDPM(UnconditionalDDPM):
 
     def pipeline(self):
         return ClassConditionalDDPMPipeline(
-            unet=self.unwrap(self.unet), scheduler=self.sampling_scheduler(), num_classes=self.options.num_classes
+            unet=self.unwrap(self.unet),
+            scheduler=self.sampling_scheduler(),
+            num_classes=self.options.num_classes,
+            guidance_scale=self.options.guidance_scale if self.null_label is not None else None,
         )
 
     def validation_inputs(self, num_images: int) -> dict[str, Any]:
@@ -107,7 +114,8 @@ class ClassConditionalDDPM(UnconditionalDDPM):
 from pipelines.class_conditional import ClassConditionalDDPMPipeline  # pip install difftune
 
 pipe = ClassConditionalDDPMPipeline.from_pretrained("OUTPUT_DIR_OR_REPO_ID")
-images = pipe(class_labels=list(range({self.options.num_classes})), guidance_scale={self.options.guidance_scale},
+# guidance_scale={self.options.guidance_scale} is saved with the model and used when none is given
+images = pipe(class_labels=list(range({self.options.num_classes})),
               num_inference_steps={self.config.diffusion.num_inference_steps}).images
 """,
         }

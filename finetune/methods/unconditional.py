@@ -64,6 +64,12 @@ class UnconditionalOptions:
     )
     layers_per_block: int | None = option(None, "Override the preset's ResNet layers per block.")
     dropout: float = option(0.0, "Dropout in the ResNet blocks (the DDPM paper used 0.1 on CIFAR-10).")
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = option(
+        "default",
+        "How the time (and class) embedding enters each ResNet block: 'default' adds it to the features, "
+        "'scale_shift' scales and shifts the normalised features with it (Nichol & Dhariwal 2021, adaptive group "
+        "norm).",
+    )
 
     def __post_init__(self):
         levels = len(UNET_PRESETS[self.preset]["block_out_channels"])
@@ -127,6 +133,7 @@ class UnconditionalDDPM(DenoisingMethod):
             in_channels=channels,
             out_channels=channels,
             dropout=options.dropout,
+            resnet_time_scale_shift=options.resnet_time_scale_shift,
             **kwargs,
         )
 
