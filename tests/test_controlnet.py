@@ -150,3 +150,39 @@ def test_the_dataset_builder_writes_conditioning_images_and_keeps_captions(tmp_p
     assert len(source) == 3 and source.conditioning is not None
     assert conditioning_main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sd_controlnet", "sdxl_controlnet"])
+def test_the_controlnet_recipes_train_on_the_tiny_models(name, controlled, tmp_path):
+    """The recipe files as shipped (gradient checkpointing, accumulation, SDXL's caches; 8-bit Adam on SD), pointed
+    at a tiny model for two fp32 steps; the output loads into the family's plain ControlNet pipeline."""
+    from pathlib import Path
+
+    import diffusers
+
+    from tests.helpers import run_training
+    from tests.tiny_models import make_tiny_sdxl_pipeline
+
+    base = (make_tiny_sd_pipeline if name == "sd_controlnet" else make_tiny_sdxl_pipeline)(tmp_path / "base")
+    recipe = Path(__file__).resolve().parents[1] / "finetune" / "recipes" / f"{name}.yaml"
+    overrides = [
+        f"model.pretrained_model_name_or_path={base}",
+        f"data.dataset={controlled}",
+        "data.resolution=64",
+        "train.mixed_precision=no",
+        "train.max_train_steps=2",
+        "train.sample_every=0",
+        "train.num_samples=1",
+        "diffusion.num_inference_steps=2",
+        f"train.output_dir={tmp_path / 'run'}",
+        "checkpoint.checkpointing_steps=0",
+    ]
+    if name == "sd_controlnet":
+        overrides.append("optim.optimizer=adamw8bit")
+    out = run_training(recipe, *overrides)
+    controlnet = diffusers.ControlNetModel.from_pretrained(out, subfolder="controlnet")
+    pipeline = (
+        "StableDiffusionControlNetPipeline" if name == "sd_controlnet" else "StableDiffusionXLControlNetPipeline"
+    )
+    assert pipeline in (out / "README.md").read_text()
+    getattr(diffusers, pipeline).from_pretrained(base, controlnet=controlnet)
