@@ -202,6 +202,17 @@ def check_controlnet_loads_and_follows_its_control(row: Row, bases: dict[str, Pa
     # but the same seed gives the same image bit for bit unless the control matters
     white = draw(Image.new("RGB", (64, 64), (255, 255, 255)))
     assert np.abs(edges - white).max() > 1e-6, "another control image must give another image"
+    # load_pipeline and the command line take it the same way
+    from pipelines.generate import main
+    from pipelines.load import load_pipeline
+
+    loaded = load_pipeline(bases[row.family], controlnet=str(out), dtype="float32")
+    assert type(loaded).__name__ == family.controlnet_pipeline
+    argv = [str(bases[row.family]), "--prompt", TRIGGER_PROMPT, "--steps", "2", "--controlnet", str(out)]
+    control = ["--control-image", str(control_images(bases)[0])]
+    assert main([*argv, *control, "--out", str(out.parent / "generated")]) == 0
+    assert (out.parent / "generated" / "0001.png").is_file()
+    assert main([*argv, "--out", str(out.parent / "no-control")]) == 2, "--controlnet without --control-image"
 
 
 def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Path], out: Path) -> None:
