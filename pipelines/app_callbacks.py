@@ -80,6 +80,7 @@ class Callbacks:
                     class_label=int(class_ or 0),
                     guidance=float(guidance_) if m.guided else None,
                     model_id=m.model_id,
+                    control_image=m.control_image,
                 )
         except Exception as err:  # noqa: BLE001
             logger.error("generation failed: %s", error_message(err).splitlines()[0])
