@@ -94,9 +94,12 @@ def coarse_blur(image: Image.Image, cells: int = 4) -> Image.Image:
 ANNOTATORS = {"canny": "edges", "blur": "coarse colour layout"}
 
 
-def annotate(image: Image.Image, annotator: str, low: float, high: float, cells: int) -> Image.Image:
+def annotate(
+    image: Image.Image, annotator: str, low: float = 0.1, high: float = 0.2, cells: int = 4, sigma: float = 1.0
+) -> Image.Image:
+    """The conditioning image of `image` by one of ANNOTATORS, RGB."""
     if annotator == "canny":
-        return canny_edges(image, low, high).convert("RGB")
+        return canny_edges(image, low, high, sigma).convert("RGB")
     return coarse_blur(image, cells)
 
 
@@ -126,6 +129,7 @@ def build_conditioning_dataset(
     cells: int = 4,
     caption: str | None = None,
     overwrite: bool = False,
+    sigma: float = 1.0,
 ) -> tuple[int, int]:
     """Write the conditioning images and metadata.jsonl of `folder`; return (images annotated, already there)."""
     folder = Path(folder).expanduser()
@@ -164,7 +168,7 @@ def build_conditioning_dataset(
             print(f"skipped {name}: unreadable ({type(err).__name__})", file=sys.stderr)
             lines.pop()
             continue
-        control = annotate(to_mode(image, 3), annotator, low, high, cells)
+        control = annotate(to_mode(image, 3), annotator, low, high, cells, sigma)
         (folder / target).parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(folder / target) as temporary:
             control.save(temporary, format="PNG")
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--annotator", choices=sorted(ANNOTATORS), default="canny", help="canny edges or coarse blur")
     parser.add_argument("--low", type=float, default=0.1, help="canny: weak-edge threshold, fraction of the peak")
     parser.add_argument("--high", type=float, default=0.2, help="canny: strong-edge threshold, fraction of the peak")
+    parser.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian smoothing first (0: none)")
     parser.add_argument("--blur-cells", type=int, default=4, help="blur: grid cells per side (default 4)")
     parser.add_argument("--caption", default=None, help="caption of images that have none (metadata or .txt)")
     parser.add_argument("--overwrite", action="store_true", help="remake conditioning images that exist")
@@ -199,7 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.blur_cells < 1:
             raise InputError(f"--blur-cells must be >= 1, got {args.blur_cells}")
         made, kept = build_conditioning_dataset(
-            Path(args.image_dir), args.annotator, args.low, args.high, args.blur_cells, args.caption, args.overwrite
+            Path(args.image_dir),
+            args.annotator,
+            args.low,
+            args.high,
+            args.blur_cells,
+            args.caption,
+            args.overwrite,
+            args.sigma,
         )
     except InputError as err:
         print(f"difftune: {err}", file=sys.stderr)
