@@ -185,7 +185,7 @@ def held_out_controls(resolution: int, per_digit: int | None) -> dict[str, tuple
     images, labels = load_digits_tensors(resolution, "test")
     picked = {}
     for name, digits in (("seen", [d for d in range(10) if d != HELD_OUT]), ("unseen", [HELD_OUT])):
-        index = torch.cat([torch.flatnonzero(labels == d)[:per_digit] for d in digits])
+        index = torch.cat([torch.nonzero(labels == d).flatten()[:per_digit] for d in digits])
         picked[name] = (digit_edges(images[index]), labels[index])
     return picked
 
@@ -246,7 +246,7 @@ def benchmark_controlnet(
                 row[key] = (classifier.predict(images) == labels).float().mean().item()
             if pipe is with_controlnet:  # the first two of each digit: control | drawn
                 for digit in labels.unique().tolist():
-                    for i in torch.flatnonzero(labels == digit)[:2].tolist():
+                    for i in torch.nonzero(labels == digit).flatten()[:2].tolist():
                         pairs += [edges[i].convert("L"), to_pil(images[i : i + 1])[0]]
     save_grid(pairs, work / "grid_controlnet.png", columns=8)
     logger.info("%s", row)
