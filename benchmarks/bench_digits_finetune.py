@@ -445,12 +445,12 @@ def run_benchmark(args: argparse.Namespace) -> str:
             setup_times.update(
                 build_miniature(BASE_MODELS[key], bases[key], Path(args.vae), args.base_overrides, args.in_process)
             )
-    data = prepare_data(work, args.num_instance, args.resolution, args.seed)
+    teach = args.methods is None or any(m != CONTROLNET for m in args.methods)  # (--methods ControlNet: only it)
+    data = prepare_data(work, args.num_instance, args.resolution, args.seed) if teach else {}
     sampling = Sampling(args.per_prompt, args.steps, args.guidance_scale, args.resolution, args.seed)
     classifier = load_digits_classifier()
-    style_classifier, style_accuracy = train_style_classifier(args.seed)
+    style_classifier, style_accuracy = train_style_classifier(args.seed) if teach else (None, None)
     rows = []
-    teach = args.methods is None or any(m != CONTROLNET for m in args.methods)
     for key in args.models if teach else []:
         rows += benchmark_model(BASE_MODELS[key], bases[key], work, data, sampling, classifier, style_classifier, args)
     if "unet" in args.models and (args.methods is None or CONTROLNET in args.methods):
@@ -599,6 +599,8 @@ def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: a
             f"{cell(per_model, lambda r: pct(r['prior_accuracy']))} |"
         )
     controlnet = [r for r in rows if r["method"] == CONTROLNET]
+    if len(controlnet) == len(rows):  # the ControlNet alone: no teaching tables
+        lines = []
     for row in controlnet:
         lines += [
             "",
