@@ -13,7 +13,7 @@ THREADS ?= $(shell nproc)
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(THREADS)
 
-.PHONY: install demo miniature bench-digits test test-latest upgrade lint bench clean
+.PHONY: install demo miniature digits-teach-data bench-digits bench-gpu test test-latest upgrade lint bench clean
 
 # pip installs exactly the locked versions (constraints), downgrading anything a previous install left newer, then
 # the environment is checked against the lock so that a drift fails here and not inside a test
@@ -28,6 +28,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(ACCELERATE) -m finetune finetune/recipes/digits_unconditional.yaml
+
+# the folders the digits_teach_*.yaml and digits_style_lora.yaml recipes train on (5 nines captioned "a handwritten
+# digit sks"; thick and plain digits for the style), in seconds; `make bench-digits` writes them too
+digits-teach-data: $(STAMP)
+	$(PY) -m benchmarks.bench_digits_finetune --data-only
 
 # the miniature text-to-image models, nines held out: the autoencoder, then on its latents the UNet (DDPM,
 # StableDiffusionPipeline) and the SD3 transformer (flow matching, StableDiffusion3Pipeline); see README for times
@@ -47,6 +52,13 @@ bench-digits: $(STAMP)
 	test -f outputs/digits-flow-text-to-image/model_index.json || \
 		$(ACCELERATE) -m finetune finetune/recipes/digits_flow_text_to_image.yaml
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m benchmarks.bench_digits_finetune --overwrite
+
+# LoRA speed on one GPU: SD 1.5 / SDXL / Flux architectures with random weights, 512 and 1024 px, batch 1 and 4,
+# each speed lever alone; figures to outputs/bench-gpu.json. BENCH_GPU_ARGS="--dry-run" prints the plan on any
+# machine; "--diffusers PATH" runs the diffusers example scripts on the same work (see benchmarks/bench_gpu.py)
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.bench_gpu $(BENCH_GPU_ARGS)
 
 # two workers, one thread each: the suite's jobs are small, so two at once use both cores better than one job with
 # two threads (and in-process and subprocess runs then do their arithmetic the same way)

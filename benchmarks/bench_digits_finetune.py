@@ -432,6 +432,14 @@ def run_benchmark(args: argparse.Namespace) -> str:
     from finetune.digits_classifier import load_digits_classifier
 
     work = Path(args.work)
+    if args.data_only:  # the teaching recipes' folders only (their headers point here): seconds, no model
+        folders = [work / "instance", work / "style"]
+        if all(folder.is_dir() for folder in folders):
+            return "\n".join(f"{folder.name}: {folder} (already there)" for folder in folders)
+        for folder in folders:  # what a killed run left half-written
+            shutil.rmtree(folder, ignore_errors=True)
+        data = prepare_data(work, args.num_instance, args.resolution, args.seed)
+        return "\n".join(f"{name}: {folder}" for name, folder in data.items())
     if work.exists():
         if not args.overwrite:
             raise SystemExit(f"{work} exists: pass --overwrite to replace it, or choose another --work")
@@ -658,6 +666,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teach-overrides", nargs="*", default=[], help="overrides for every teaching run")
     parser.add_argument("--base-overrides", nargs="*", default=[], help="overrides when training a missing base model")
     parser.add_argument("--in-process", action="store_true", help="train in this process (tests)")
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="only write the instance and style folders the digits_teach_*.yaml / digits_style_lora.yaml recipes "
+        "train on (make digits-teach-data), then stop",
+    )
     return parser.parse_args(argv)
 
 
@@ -667,6 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run_benchmark(args)
     print(report)
+    if args.data_only:
+        return
     print(f"benchmark wall time: {time.perf_counter() - started:.0f} s; results in {args.work}/results.md")
 
 

@@ -6,6 +6,7 @@ scripts in FIELD_NOTES.md), and optionally the Stable Diffusion 1.5 architecture
 
     .venv/bin/python -m benchmarks.bench_sd                 # tiny, CPU
     .venv/bin/python -m benchmarks.bench_sd --sd15 --methods lora --mixed-precision bf16   # on a GPU
+    .venv/bin/python -m benchmarks.bench_sd --methods lora --set train.mixed_precision=bf16   # a lever, on a CPU
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from benchmarks.common import REPO, measure_training, print_table
 
@@ -148,6 +151,14 @@ def main() -> None:
     parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe overrides for every difftune run, e.g. train.channels_last=true optim.adamw_implementation=fused "
+        "data.num_workers=2 train.compile=true (YAML values)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +186,10 @@ def main() -> None:
                         recipe["train"]["train_batch_size"] = 1
                     if args.mixed_precision:
                         recipe["train"]["mixed_precision"] = args.mixed_precision
+                    for override in args.set:
+                        key, _, value = override.partition("=")
+                        section, _, name = key.partition(".")
+                        recipe.setdefault(section, {})[name] = yaml.safe_load(value)
                     samples[cache].append(measure_training(recipe, steps=args.steps, warmup_steps=3))
                     print(name, cache, samples[cache][-1], flush=True)
             reference = statistics.median(r["s_per_step"] for r in samples["reference"]) if with_reference else None

@@ -31,7 +31,7 @@ def measure_training(
             report_to="jsonl",
             progress_bar=False,
             sample_every=0,
-            num_samples=1,
+            num_samples=0,  # no sample grid: the benchmark times training
         )
         recipe.setdefault("checkpoint", {})["checkpointing_steps"] = 0
         recipe.setdefault("diffusion", {})["num_inference_steps"] = 1

@@ -1,6 +1,10 @@
 """difftune: fine-tuning diffusion models on diffusers, accelerate and peft."""
 
 import logging
+import time
+
+# when this process started difftune (before the slow imports): a run's wall time counts from here
+STARTED = time.monotonic()
 
 
 class _DropBitsandbytesKernelNotice(logging.Filter):
@@ -13,3 +17,15 @@ class _DropBitsandbytesKernelNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNotice())
+
+
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """transformers 5 warns that `CLIPImageProcessor` (and others) "requires torchvision" and falls back to the PIL
+    processor whenever a pipeline's feature extractor is looked up; difftune installs no torchvision on purpose (see
+    requirements) and the PIL processor is what it wants, so that notice is dropped; other messages still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())

@@ -11,13 +11,16 @@ from __future__ import annotations
 import sys
 
 from finetune.preflight import debug_requested, exit_code_for, one_line
-from finetune.recipe import format_help, load_config
+from finetune.recipe import format_help, help_topics, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
     if not argv or "-h" in argv or "--help" in argv:
-        print(format_help())
+        flag = "-h" if "-h" in argv else "--help"
+        after = argv[argv.index(flag) + 1 : argv.index(flag) + 2] if flag in argv else []
+        topic = after[0] if after and after[0] in help_topics() else None  # `--help lora`: one method or section
+        print(format_help(topic))
         return 0
     recipe, overrides = (argv[0], argv[1:]) if not argv[0].count("=") else (None, argv)
     try:

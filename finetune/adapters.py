@@ -87,6 +87,8 @@ def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, family=N
                     target_modules=TEXT_ENCODER_ATTENTION,
                 )
             )
+    if options.export_kohya:  # a module kohya's layout has no name for fails here, not after training
+        family.kohya_state_dict(modules)
 
 
 def with_adapters(modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.nn.Module]:
@@ -108,8 +110,29 @@ def save_lora(output_dir: Path, modules: dict[str, torch.nn.Module | None], fami
     from diffusers.utils import convert_state_dict_to_diffusers
 
     adapted = with_adapters(modules)
-    layers = {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(m)) for name, m in adapted.items()}
+    # the denoiser's keys stay in peft's layout (as diffusers' SD3 and Flux scripts save them): the old diffusers
+    # layout renames only to_q/to_k/to_v/to_out.0, and a file that mixes both layouts (attention plus other target
+    # modules) loses one part silently on load. The text encoders' LoRA is attention only: the scripts' layout.
+    layers = {
+        name: get_peft_model_state_dict(m)
+        if name == family.denoiser
+        else convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+        for name, m in adapted.items()
+    }
     return family.save_lora(output_dir, layers, {name: _metadata(m) for name, m in adapted.items()}, inpainting)
+
+
+def lora_factors(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each LoRA'd layer of a peft-injected module: its name -> (down A [r, in], up B [out, r], scale alpha / r), so
+    that the layer adds scale * B @ A to its weight."""
+    factors = {}
+    for name, layer in module.named_modules():
+        if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
+            continue
+        down = layer.lora_A["default"].weight.detach().float().cpu().contiguous()
+        up = layer.lora_B["default"].weight.detach().float().cpu().contiguous()
+        factors[name] = (down, up, float(layer.scaling["default"]))
+    return factors
 
 
 def kohya_state_dict(modules: dict[str, torch.nn.Module | None], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -119,19 +142,18 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module | None], prefixes: dict[
     out: dict[str, torch.Tensor] = {}
     for component, module in with_adapters(modules).items():
         prefix = prefixes[component]
-        for name, layer in module.named_modules():
-            if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
-                continue
+        for name, (down, up, scale) in lora_factors(module).items():
             key = f"{prefix}_{name.replace('.', '_')}"
-            out[f"{key}.lora_down.weight"] = layer.lora_A["default"].weight.detach().float().cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = layer.lora_B["default"].weight.detach().float().cpu().contiguous()
+            out[f"{key}.lora_down.weight"] = down
+            out[f"{key}.lora_up.weight"] = up
             # peft scales by lora_alpha / r; kohya by alpha / rank of the stored matrices
-            out[f"{key}.alpha"] = torch.tensor(float(layer.scaling["default"] * layer.r["default"]))
+            out[f"{key}.alpha"] = torch.tensor(scale * down.shape[0])
     return out
 
 
 def save_kohya(output_dir: Path, modules: dict[str, torch.nn.Module | None], family) -> Path:
+    """The kohya / WebUI file beside the diffusers one, in the family's kohya layout."""
     path = Path(output_dir) / KOHYA_FILE
-    state = kohya_state_dict(modules, family.kohya_prefixes)
+    state = family.kohya_state_dict(modules)
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
     return path

@@ -133,6 +133,7 @@ def save_checkpoint(
                 atomic.fsync_tree(staging)
                 atomic.replace_folder(staging, final)
                 atomic.fsync_path(output_dir)
+                logger.info("saved %s", final)
     except RunError:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)  # nothing partial left behind; the previous checkpoint stays

@@ -87,7 +87,14 @@ class DataConfig:
     max_samples: int | None = option(None, "Use only the first N examples (quick experiments, tests).")
     repeats: int = option(1, "Repeat the dataset N times per epoch (small DreamBooth sets).")
     verify_images: bool = option(True, "Decode every image once at start and skip unreadable ones (with a count).")
-    num_workers: int = option(0, "DataLoader worker processes.")
+    num_workers: int = option(0, "DataLoader worker processes (decode and augment images beside the training step).")
+    pin_memory: bool | None = option(
+        None, "Page-locked batches, copied to the GPU without blocking. None: on when a CUDA GPU is present."
+    )
+    persistent_workers: bool = option(
+        True, "Keep the data.num_workers workers alive between epochs instead of starting them again each epoch."
+    )
+    prefetch_factor: int | None = option(None, "Batches each worker prepares ahead (None: torch's default, 2).")
     bad_metadata: Literal["skip", "error"] = option(
         "skip",
         "A bad line of metadata.jsonl/.csv (not JSON, not UTF-8, no file_name, a missing file, a duplicate, a caption "
@@ -158,6 +165,13 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1, 3 or null, got {self.channels}")
         if self.repeats < 1:
             raise ConfigError(f"data.repeats must be >= 1, got {self.repeats}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor is not None and (self.prefetch_factor < 1 or not self.num_workers):
+            raise ConfigError(
+                f"data.prefetch_factor must be >= 1 and needs data.num_workers > 0, got {self.prefetch_factor} with "
+                f"{self.num_workers} workers"
+            )
         if self.max_image_pixels is not None and self.max_image_pixels < self.resolution**2:
             raise ConfigError(
                 f"data.max_image_pixels must be null or at least data.resolution^2 = {self.resolution**2}, got "
@@ -180,6 +194,12 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "torch AdamW, or bitsandbytes AdamW8bit.")
+    adamw_implementation: Literal["auto", "fused", "foreach", "for_loop"] = option(
+        "auto",
+        "torch AdamW's kernels: 'fused' (one kernel for all parameters; CUDA, and CPU in torch >= 2.4), 'foreach' "
+        "(batched per-parameter ops), 'for_loop' (one parameter at a time), or 'auto': fused on a CUDA GPU, torch's "
+        "own choice elsewhere.",
+    )
     lr: float = option(1e-4, "Peak learning rate.")
     scale_lr: bool = option(False, "Multiply lr by the global batch size (per-process batch x processes x accum).")
     adam_beta1: float = option(0.9, "Adam beta1.")
@@ -259,7 +279,12 @@ class EMAConfig:
 class TrainConfig:
     output_dir: str = option("outputs/run", "Folder for checkpoints, samples, logs and the final model.")
     seed: int = option(0, "Seed of everything random: data order, augmentation, noise, init.")
-    max_train_steps: int = option(1000, "Optimizer steps to train.")
+    max_train_steps: int = option(1000, "Optimizer steps to train (unless train.num_train_epochs is set).")
+    num_train_epochs: int | None = option(
+        None,
+        "Train for this many passes over the data instead of train.max_train_steps: the steps are worked out from "
+        "the examples, the global batch and the accumulation once the data is read (printed at start).",
+    )
     train_batch_size: int = option(16, "Batch size per process.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
@@ -267,14 +292,37 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     allow_tf32: bool = option(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    compile: bool = option(
+        False,
+        "torch.compile the denoiser regionally: each of its repeated blocks (diffusers' compile_repeated_blocks: the "
+        "UNet's transformer blocks, Flux's double and single blocks), compiled once and reused, so compile time stays "
+        "seconds to a minute; a model without repeated blocks is compiled whole. Pays on a GPU; on a CPU the first "
+        "steps are slow.",
+    )
+    compile_backend: str = option("inductor", "torch.compile backend of train.compile ('inductor', 'aot_eager', ...).")
+    compile_mode: str | None = option(
+        None, "torch.compile mode of train.compile: None (default), 'max-autotune-no-cudagraphs', 'reduce-overhead'."
+    )
+    channels_last: bool = option(
+        False,
+        "Keep the denoiser's convolution weights and activations in channels-last memory order (GPU tensor cores).",
+    )
     log_every: int = option(10, "Log loss and lr every N optimizer steps.")
-    sample_every: int = option(0, "Write a sample grid every N steps (0: only at the end).")
-    num_samples: int = option(16, "Images in each sample grid.")
+    sample_every: int = option(0, "Write a sample grid every N steps (0: only at the end; -1: never).")
+    num_samples: int = option(16, "Images in each sample grid (0: no sample grids at all, the final one included).")
     eval_every: int = option(0, "Evaluate samples against real data every N steps (0: off).")
     eval_num_samples: int = option(256, "Images generated for each evaluation.")
     report_to: Literal["auto", "tensorboard", "wandb", "jsonl", "none"] = option(
         "auto",
-        "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log. train_log.jsonl is always written.",
+        "Tracker: 'auto' is tensorboard when installed, otherwise a JSONL log; 'tensorboard' and 'wandb' must be "
+        "installed (pip install -e '.[tensorboard]' or '.[wandb]'). train_log.jsonl is always written.",
+    )
+    tracker_project_name: str = option(
+        "difftune",
+        "Project name given to the tracker (the wandb project; TensorBoard's run folder under logs/).",
+    )
+    run_name: str | None = option(
+        None, "Name of this run in the tracker (wandb's run name). None: the output folder's name."
     )
     process_group_timeout_s: int = option(
         1800, "Seconds a rank waits for the others (validation, saving) before failing with an error."
@@ -282,12 +330,23 @@ class TrainConfig:
     progress_bar: bool = option(True, "Show a tqdm progress bar.")
 
     def __post_init__(self):
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_samples"):
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("log_every", "sample_every", "eval_every"):
+        for name in ("log_every", "eval_every", "num_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_train_epochs is not None and self.num_train_epochs < 1:
+            raise ConfigError(f"train.num_train_epochs must be >= 1 or null, got {self.num_train_epochs}")
+        if not self.tracker_project_name.strip():
+            raise ConfigError("train.tracker_project_name must not be empty")
+        if self.sample_every < -1:
+            raise ConfigError(f"train.sample_every must be >= 0, or -1 for no samples, got {self.sample_every}")
+
+    @property
+    def samples_on(self) -> bool:
+        """Whether any sample grid is written (train.num_samples=0 or train.sample_every=-1 turn them all off)."""
+        return self.num_samples > 0 and self.sample_every >= 0
 
 
 @dataclass

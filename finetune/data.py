@@ -1026,10 +1026,16 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.source, self.seed, self.transform = source, seed, transform
         # a dataset smaller than one global batch would give an empty epoch with drop_last: repeat it enough
         self.repeats = max(repeats, -(-min_length // max(len(source), 1)))
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers hold their own copy of this dataset, and must see the epoch
+        # the loop sets (their augmentation and noise seeds depend on it)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats

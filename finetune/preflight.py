@@ -98,6 +98,18 @@ def _reason(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
 
+def format_duration(seconds: float) -> str:
+    """'45 s', '2 min 35 s', '1 h 04 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 def format_bytes(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -502,9 +514,32 @@ def model_paths(config: Config) -> list[tuple[str, str, str, tuple[str, ...]]]:
     return [path for path in paths if path[1]]
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def resolve_tracker(report_to: str) -> str | None:
+    """The accelerate tracker for train.report_to, or None (train_log.jsonl only). A tracker asked for by name that
+    is not installed is refused here, in one line, rather than dropped by accelerate with a warning."""
+    import importlib.util
+
+    if report_to == "auto":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else None
+    if report_to in ("none", "jsonl"):
+        return None
+    package = TRACKER_PACKAGES.get(report_to, report_to)
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"train.report_to={report_to}: the {package} package is not installed; install it (pip install -e "
+            f"'.[{report_to}]', or pip install {package}), or set train.report_to=jsonl (train_log.jsonl only)"
+        )
+    return report_to
+
+
 def check_training_inputs(config: Config) -> Path:
-    """Everything a training run can check before loading anything, in order: output folder (writable, room), then
-    every model path. Returns the resolved output folder. The data comes next, in the method's setup()."""
+    """Everything a training run can check before loading anything, in order: the tracker asked for, the output
+    folder (writable, room), then every model path. Returns the resolved output folder. The data comes next, in the
+    method's setup()."""
+    resolve_tracker(config.train.report_to)
     key = "train.output_dir"
     output_dir = check_output_folder(config.train.output_dir, key, probe=is_main_rank())
     needed, why = estimate_output_bytes(config)

@@ -312,30 +312,49 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
     return config
 
 
-def format_help() -> str:
-    """Every option of every section and method, with its type, default and help."""
+def _section_help(name: str, cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = [f"\n[{name}]"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {name}.{f.name}: {_type_name(hints[f.name])} = {default!r}")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return lines
 
-    def section(name: str, cls: type) -> list[str]:
-        hints = typing.get_type_hints(cls)
-        lines = [f"\n[{name}]"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {name}.{f.name}: {_type_name(hints[f.name])} = {default!r}")
-            if f.metadata.get("help"):
-                lines.append(f"      {f.metadata['help']}")
-        return lines
 
+def help_topics() -> list[str]:
+    """What `--help TOPIC` takes: a section of every recipe, or a method."""
+    return [*SECTIONS, *method_names()]
+
+
+def format_help(topic: str | None = None, usage: str | None = None) -> str:
+    """Every option of every section and method, with its type, default and help; or those of one section or
+    method (`topic`). An unknown topic is a ConfigError listing the topics."""
+    if topic is not None:
+        if topic in SECTIONS:
+            return "\n".join(_section_help(topic, SECTIONS[topic])).lstrip("\n")
+        if topic in method_names():
+            method_cls = get_method_class(topic)
+            lines = [f"method '{topic}': {method_cls.summary}"]
+            if dataclasses.fields(method_cls.Options):
+                lines += _section_help(topic, method_cls.Options)
+            else:
+                lines.append(f"(no options of its own: a recipe sets method: {topic} and the common sections)")
+            return "\n".join(lines)
+        raise ConfigError(f"--help {topic}: no such section or method. Topics: {', '.join(help_topics())}")
     lines = [
-        "usage: accelerate launch -m finetune RECIPE.yaml [section.key=value ...]",
+        usage
+        or "usage: accelerate launch -m finetune RECIPE.yaml [section.key=value ...]\n"
         "       python -m finetune RECIPE.yaml [section.key=value ...]",
         "",
         f"method: one of {', '.join(method_names())}",
     ]
     for name, cls in SECTIONS.items():
-        lines += section(name, cls)
+        lines += _section_help(name, cls)
     for name in method_names():
         method_cls = get_method_class(name)
         lines += [f"\n== method '{name}': {method_cls.summary}"]
         if dataclasses.fields(method_cls.Options):
-            lines += section(name, method_cls.Options)
+            lines += _section_help(name, method_cls.Options)
     return "\n".join(lines)

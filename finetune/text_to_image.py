@@ -37,6 +37,22 @@ from finetune.objectives import batch_weights, combined_weights, weighted_mse
 logger = logging.getLogger(__name__)
 
 
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` without diffusers' warning about modules to keep in float32 when the model has none (it warns
+    on every cast, naming `[]`); a model that does keep modules in float32 still gets the warning."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(dtype=dtype)
+        return
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 @dataclass
 class TextToImageOptions(InpaintingMaskOptions):
     cache: Literal["none", "memory", "disk"] = option(
@@ -237,8 +253,8 @@ class TextToImageMethod(Method):
         self.vae.requires_grad_(False)
         self.vae.to(self.device).eval()
         vae_dtype = self.family.vae_dtype(self.config, self.weight_dtype)
-        if self.vae.dtype != vae_dtype:  # (diffusers warns about every dtype cast, even a no-op one)
-            self.vae.to(dtype=vae_dtype)
+        if self.vae.dtype != vae_dtype:
+            cast_model(self.vae, vae_dtype)
         denoiser_and_text = [self.denoiser, *self.text_encoders.values()]
         for module in denoiser_and_text:
             module.requires_grad_(False)
@@ -271,6 +287,11 @@ class TextToImageMethod(Method):
     @classmethod
     def model_subfolders(cls, config: Config) -> tuple[str, ...]:
         return local_family(config).subfolders(config)
+
+    def data_source(self):
+        self.family = self.resolve_family()  # (build_source asks the family for its columns and sizes)
+        self.check_family()
+        return self.build_source()
 
     def resolve_family(self) -> Family:
         return resolve_family(self.config)
@@ -370,6 +391,10 @@ class TextToImageMethod(Method):
             if any(p.requires_grad for p in self.unwrap(module).parameters()):
                 modules[name] = module
         return modules
+
+    def compute_modules(self) -> list[torch.nn.Module]:
+        """The denoiser, trained or frozen (Textual Inversion trains an embedding but runs the UNet every step)."""
+        return [self.denoiser]
 
     def parameter_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
         """With `text_encoder_lr` (LoRA and DreamBooth options, kohya's setting), the text encoders' parameters learn
@@ -648,6 +673,15 @@ class TextToImageMethod(Method):
                     images[i] = image
         return images
 
+    def sample_labels(self, num_images: int) -> list[str]:
+        """Image i's prompt (and its size when the grid cycles several), as `sample` draws it."""
+        prompts = self.validation_prompts()
+        sizes = parse_sizes(self.options.validation_sizes)
+        return [
+            prompts[i % len(prompts)] + (f" ({'x'.join(map(str, sizes[i % len(sizes)]))})" if len(sizes) > 1 else "")
+            for i in range(num_images)
+        ]
+
     def cached_prompt_embeddings(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Pipeline arguments from cached conditioning: prompt_embeds (pooled_prompt_embeds ...) of the texts and
         negative_* of the empty prompt, the names every family's pipeline takes."""
@@ -678,8 +712,20 @@ result = pipe("{prompt}", image=image, mask_image=mask, num_inference_steps=30, 
         """The model card's licence: the base model's, as far as the family knows it."""
         base = self.config.model.pretrained_model_name_or_path
         note = f"Inherits the licence of the base model `{base}`. {self.family.license_note}".strip()
-        return {"license": self.family.license, "license_note": note}
+        facts = {"license": self.family.license, "license_note": note}
+        if self.family.license_name:
+            facts.update(license_name=self.family.license_name, license_link=self.family.license_link)
+        return facts
+
+    def card_prompt(self) -> str:
+        """The prompt of the model card's usage line and metadata: one this run trained on (a caption of its data,
+        the instance prompt), not a recipe's stock validation prompt."""
+        return self.default_prompt()
 
     def card_tags(self) -> list[str]:
         """The task tags of the model card: the pipeline's task and the family."""
         return ["inpainting" if self.inpainting else "text-to-image", self.family.name]
+
+    def pipeline_tag(self) -> str:
+        """The Hub task of the model card's metadata."""
+        return "image-to-image" if self.inpainting else "text-to-image"

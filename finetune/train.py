@@ -27,13 +27,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from finetune import atomic, buckets
+from finetune import atomic, buckets, speed
 from finetune import checkpoint as ckpt
 from finetune.config import Config, ConfigError
 from finetune.data import collate_examples
 from finetune.methods import get_method_class
 from finetune.outputs import (
-    RUN_SCAFFOLDING,
+    log_hyperparameters,
     push_failed_error,
     push_output_folder,
     save_grid,
@@ -41,13 +41,17 @@ from finetune.outputs import (
     write_loss_curve,
     write_model_card,
 )
-from finetune.preflight import check_training_inputs
+from finetune.plan import check_output_dir
+from finetune.preflight import check_training_inputs, format_duration, resolve_tracker  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("difftune")
 
 
-def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' AdamW8bit) over `parameters`: tensors, or param groups that may set their own lr."""
+def build_optimizer(
+    config: Config, parameters: list, lr: float, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over `parameters`: tensors, or param groups that may set their own lr;
+    torch AdamW's kernels (fused, foreach) from optim.adamw_implementation and the device."""
     optim = config.optim
     kwargs = dict(
         lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay
@@ -56,18 +60,8 @@ def build_optimizer(config: Config, parameters: list, lr: float) -> torch.optim.
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, **kwargs)
-
-
-def resolve_tracker(report_to: str) -> str | None:
-    if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-
-            return "tensorboard"
-        except ImportError:
-            return None  # train_log.jsonl is always written
-    return None if report_to in ("none", "jsonl") else report_to
+    implementation = speed.adamw_options(config.optim.adamw_implementation, device or torch.device("cpu"))
+    return torch.optim.AdamW(parameters, **kwargs, **implementation)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -77,18 +71,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Never overwrite a finished model or someone's files: a fresh run needs an empty (or absent) folder."""
-    if resuming or not output_dir.exists():
-        return
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in RUN_SCAFFOLDING)
-    if foreign:
-        raise ConfigError(
-            f"train.output_dir {str(output_dir)!r} already holds {', '.join(foreign[:5])}. Choose a new output_dir, "
-            "or resume with checkpoint.resume_from_checkpoint=latest if it holds checkpoints of this run."
-        )
 
 
 @contextlib.contextmanager
@@ -115,9 +97,48 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+# loggers whose INFO lines are not the user's business: accelerate's four lines per checkpoint naming the staging
+# folder (difftune logs one line per checkpoint instead), matplotlib's font cache
+QUIET_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing", "matplotlib")
+
+
+def load_hint(usage: str, output_dir: Path) -> str:
+    """The loading lines of a model card's usage snippet (the pipeline's from_pretrained, then the line naming this
+    run's output), on one line, with the placeholder made this run's folder; empty when the snippet has none."""
+    lines, found = [], False
+    for line in usage.strip().splitlines():
+        code = line.split("  #")[0].strip()
+        if "OUTPUT_DIR_OR_REPO_ID" in code or str(output_dir) in code:
+            lines.append(code.replace("OUTPUT_DIR_OR_REPO_ID", str(output_dir)))
+            found = True
+            break
+        if "from_pretrained(" in code:
+            lines.append(code)
+    return "; ".join(lines) if found else ""
+
+
+def finished_line(output_dir: Path, usage: str, seconds: float, steps: int) -> str:
+    """The last line of a run: where the model is, how to load it, and the wall time."""
+    hint = load_hint(usage, output_dir)
+    load = f"; load it with: {hint}" if hint else ""
+    return f"difftune: done: {steps} steps in {format_duration(seconds)}. The model is in {output_dir}{load}"
+
+
+_first_run = True
+
+
 def train(config: Config) -> Path:
+    global _first_run
+    import finetune
+
+    # the wall time counts from the start of the process (imports included) for its first run
+    started = finetune.STARTED if _first_run else time.monotonic()
+    _first_run = False
     output_dir = Path(config.train.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for name in QUIET_LOGGERS:
+        if logging.getLogger(name).level < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # cheap checks before accelerate starts and anything loads: the output folder (writable, with room), then every
     # model path; the data comes next, in method.setup()
     check_training_inputs(config)
@@ -127,7 +148,9 @@ def train(config: Config) -> Path:
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.train.seed, non_blocking=speed.pin_memory(config.data)
+        ),
         log_with=resolve_tracker(config.train.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.process_group_timeout_s))],
@@ -138,6 +161,7 @@ def train(config: Config) -> Path:
             f"the launcher started {launched} processes but they did not join one process group: each would train "
             "alone and write the same files. On CPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
         )
+    speed.check_mixed_precision(accelerator.mixed_precision, accelerator.device, config)  # before anything loads
     resume_path = ckpt.resolve_resume(config.checkpoint.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir, resuming=resume_path is not None)
@@ -149,6 +173,7 @@ def train(config: Config) -> Path:
     # method: check inputs, load models, build the dataset
     method = get_method_class(config.method)(config, accelerator)
     method.setup()
+    speed.apply_levers(config.train, method.compute_modules())  # train.channels_last, train.compile
     dataset = method.train_dataset
     global_batch = config.train.train_batch_size * accelerator.num_processes * accumulation
     if len(dataset) < config.train.train_batch_size * accelerator.num_processes:
@@ -171,6 +196,7 @@ def train(config: Config) -> Path:
             max(1, distinct // accelerator.num_processes),
         )
     bucket_sampler = None
+    loader_options = speed.dataloader_options(config.data)  # workers, pinned memory
     if config.data.aspect_buckets:
         # every global batch from one bucket, cut into one slice per process; the order from (seed, epoch)
         bucket_sampler = buckets.make_sampler(
@@ -182,7 +208,7 @@ def train(config: Config) -> Path:
             config.train.seed,
         )
         dataloader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, num_workers=config.data.num_workers
+            dataset, batch_sampler=bucket_sampler, collate_fn=collate_examples, **loader_options
         )
         if accelerator.is_main_process:
             buckets.log_table(dataset, bucket_sampler)
@@ -193,20 +219,37 @@ def train(config: Config) -> Path:
             shuffle=True,
             drop_last=True,  # equal batches on every process and every step
             collate_fn=collate_examples,
-            num_workers=config.data.num_workers,
+            **loader_options,
         )
+
+    # the length of the run: train.max_train_steps, or train.num_train_epochs passes over the data (each process's
+    # share of the batches, accumulation micro-batches per optimizer step)
+    max_steps = config.train.max_train_steps
+    if config.train.num_train_epochs is not None:
+        per_process = len(dataloader) // accelerator.num_processes
+        max_steps = max(1, config.train.num_train_epochs * per_process // accumulation)
+        if accelerator.is_main_process:
+            logger.info(
+                "train.num_train_epochs=%d: %d optimizer steps (%d batches per epoch per process, %d accumulation)",
+                config.train.num_train_epochs,
+                max_steps,
+                per_process,
+                accumulation,
+            )
 
     # optimizer and LR schedule over the trainable parameters only
     modules = method.trainable_modules()
     parameters = method.trainable_parameters()
     lr_scale = global_batch if config.optim.scale_lr else 1
-    optimizer = build_optimizer(config, method.parameter_groups(lr_scale), config.optim.lr * lr_scale)
+    optimizer = build_optimizer(
+        config, method.parameter_groups(lr_scale), config.optim.lr * lr_scale, accelerator.device
+    )
     # a prepared scheduler steps once per process on every optimizer step, hence the factor
     lr_scheduler = get_scheduler(
         config.optim.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.optim.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.train.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
         num_cycles=config.optim.lr_num_cycles,
         power=config.optim.lr_power,
     )
@@ -247,7 +290,11 @@ def train(config: Config) -> Path:
         truncate_log(log_path, global_step)  # lines of an interrupted run after its checkpoint: the log is one run
         if bucket_sampler is not None:  # images per bucket
             buckets.write_json(dataset, bucket_sampler, output_dir, then=ckpt.resume_hint(output_dir))
-        accelerator.init_trackers("difftune", config={k: str(v) for k, v in config.to_dict().items()})
+        accelerator.init_trackers(
+            config.train.tracker_project_name,
+            init_kwargs={"wandb": {"name": config.train.run_name or output_dir.resolve().name}},
+        )
+        log_hyperparameters(accelerator.trackers, config.to_dict())  # once, typed, in the run's own folder
         logger.info(
             "method %s | %d examples | %d trainable parameters | global batch %d = %d per process x %d processes x "
             "%d accumulation | %d steps",
@@ -258,10 +305,10 @@ def train(config: Config) -> Path:
             config.train.train_batch_size,
             accelerator.num_processes,
             accumulation,
-            config.train.max_train_steps,
+            max_steps,
         )
     progress = tqdm(
-        total=config.train.max_train_steps,
+        total=max_steps,
         initial=global_step,
         desc="steps",
         disable=not (accelerator.is_main_process and config.train.progress_bar),
@@ -276,10 +323,13 @@ def train(config: Config) -> Path:
                 handle.write(json.dumps(record) + "\n")  # a kill mid-line leaves a line that readers skip
 
     def write_samples(tag: str) -> None:
+        if not config.train.samples_on:  # train.num_samples=0 / sample_every=-1: no grids at all
+            return
         if accelerator.is_main_process:
             with averaged_weights(ema, parameters):
                 images = method.sample(config.train.num_samples, seed=config.train.seed)
-            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir))
+            labels = method.sample_labels(len(images))  # prompts or classes, under their rows
+            save_grid(images, output_dir / "samples" / f"{tag}.png", then=ckpt.resume_hint(output_dir), labels=labels)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np
@@ -292,7 +342,7 @@ def train(config: Config) -> Path:
                     )
         accelerator.wait_for_everyone()
 
-    while global_step < config.train.max_train_steps:
+    while global_step < max_steps:
         dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         if bucket_sampler is not None:  # (accelerate's shard of a batch sampler does not pass the epoch on)
@@ -322,7 +372,7 @@ def train(config: Config) -> Path:
             method.on_step_end(global_step, ema)
             steps_since_log += 1
             progress.update(1)
-            if global_step % config.train.log_every == 0 or global_step == config.train.max_train_steps:
+            if global_step % config.train.log_every == 0 or global_step == max_steps:
                 mean_loss = accelerator.reduce(torch.stack(recent_losses).mean(), reduction="mean").item()
                 recent_losses.clear()
                 elapsed = time.perf_counter() - step_started
@@ -338,7 +388,7 @@ def train(config: Config) -> Path:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
                 append_log(logs)
-            if config.train.sample_every and global_step % config.train.sample_every == 0:
+            if config.train.sample_every > 0 and global_step % config.train.sample_every == 0:
                 write_samples(f"step-{global_step:06d}")
             if config.train.eval_every and global_step % config.train.eval_every == 0:
                 with averaged_weights(ema, parameters):
@@ -360,7 +410,7 @@ def train(config: Config) -> Path:
                     config.checkpoint.checkpoints_total_limit,
                     method_state=method.checkpoint_state(),
                 )
-            if global_step >= config.train.max_train_steps:
+            if global_step >= max_steps:
                 break
         epoch += 1
     progress.close()
@@ -376,10 +426,13 @@ def train(config: Config) -> Path:
         with atomic.staged_contents(output_dir, "final-model", then) as staging, averaged_weights(ema, parameters):
             method.save(staging)
         write_loss_curve(log_path, output_dir / "loss_curve.png", then=then)
-        write_model_card(output_dir, config, method.card(), method.options_dict(), global_step, then=then)
+        card = method.card()
+        write_model_card(output_dir, config, card, method.options_dict(), global_step, then=then)
         if config.hub.push_to_hub:
             pushed = push_output_folder(output_dir, config.hub.hub_model_id, config.hub.private) is not None
     accelerator.end_training()
+    if accelerator.is_main_process:
+        print(finished_line(output_dir, card.get("usage", ""), time.monotonic() - started, global_step))
     if not pushed:  # everything local is saved; a script must still see that the push did not happen
         raise push_failed_error(output_dir, config.hub.hub_model_id)
     return output_dir

@@ -113,19 +113,25 @@ def build_app(
 
 def launch(app: gr.Blocks, port: int | None = None, *, block: bool = True, quiet: bool = False):
     """Serve on 127.0.0.1 only: no share link (no frpc download), no server-side rendering (no node), no MCP server,
-    no analytics. `block=False` returns at once (call `app.close()` to stop)."""
-    return app.launch(
+    no analytics. Prints one line with the address (gradio's own, which suggests `share=True`, is kept quiet).
+    `block=False` returns at once (call `app.close()` to stop)."""
+    result = app.launch(
         server_name=HOST,
         server_port=port,
         share=False,
         inbrowser=False,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,
+        quiet=True,
         ssr_mode=False,
         mcp_server=False,
         pwa=False,
         max_file_size="50mb",
     )
+    if not quiet:
+        print(f"difftune app on {app.local_url} (this machine only; Ctrl+C stops it)", flush=True)
+    if block:
+        app.block_thread()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ line in the page, never a traceback.
 from __future__ import annotations
 
 import logging
+import threading
 
 from pipelines.app_model import ModelHolder, apply_settings, error_message, split_lines
 from pipelines.app_views import (
@@ -16,6 +17,7 @@ from pipelines.app_views import (
     control_updates,
     error_markdown,
     for_display,
+    import_gradio,
     model_markdown,
 )
 from pipelines.steps import StepRecord, fit_image, generate_with_steps, load_image, reconstruct
@@ -39,6 +41,37 @@ def _seed(value) -> int:
     return _int(0 if value in (None, "") else value, "seed", 0, 2**63 - 1)
 
 
+def _progress_tracker():
+    """A gr.Progress() as the default of a handler's `progress` parameter: gradio sees it and shows the per-step
+    progress it is told in the page. None without gradio (the model code imports this module too)."""
+    try:
+        return import_gradio().Progress()
+    except ImportError:
+        return None
+
+
+PROGRESS = _progress_tracker()
+
+
+class Stopped(Exception):
+    """Raised between two denoising steps when the page's Stop button was pressed."""
+
+
+def caption(settings: dict, index: int) -> str:
+    """A gallery image's caption: prompt or class, steps, guidance and seed (image i of a run has seed + i)."""
+    what = []
+    if settings.get("prompt"):
+        prompt = settings["prompt"]
+        what.append(repr(prompt if len(prompt) <= 60 else prompt[:57] + "..."))
+    if settings.get("class_label") is not None:
+        what.append(f"class {settings['class_label']}")
+    what.append(f"{settings['steps']} steps")
+    if settings.get("guidance") is not None:
+        what.append(f"guidance {float(settings['guidance']):g}")
+    what.append(f"seed {settings['seed'] + index}")
+    return " · ".join(what)
+
+
 class Callbacks:
     """The page's event handlers; `holder` is the app's model, `load_kwargs` (device, dtype) go to every load. The
     methods keep their names (on_load, on_generate, ...): gradio names the page's functions after them."""
@@ -47,15 +80,46 @@ class Callbacks:
         self.gr = gr
         self.holder = holder
         self.load_kwargs = load_kwargs
+        self.stop_requested = threading.Event()  # set by Stop, checked after every denoising step
 
     def on_load(self, path, loras_text, embeddings_text):
+        """Load another model: its controls and defaults, and an empty step viewer. A load that fails changes
+        nothing but the status line: the user's settings and the steps of the model still served stay."""
         gr = self.gr
-        self.holder.load(path, split_lines(loras_text), split_lines(embeddings_text), **self.load_kwargs)
+        loaded = self.holder.load(path, split_lines(loras_text), split_lines(embeddings_text), **self.load_kwargs)
+        if not loaded:
+            return [model_markdown(self.holder), *[gr.update()] * (len(control_updates(gr, None)) + 4)]
         reset = [None, gr.update(value=0, maximum=1, interactive=False), None, ""]
         return [model_markdown(self.holder), *control_updates(gr, self.holder.model), *reset]
 
+    def on_start(self):
+        """A run starts: the previous status line goes (a stale 'Generated ...' would read as this run's)."""
+        self.stop_requested.clear()
+        return ""
+
+    def on_stop(self):
+        """The Stop button: the running generation stops after its current step."""
+        self.stop_requested.set()
+
+    def _step_done(self, progress, done: int, total: int) -> None:
+        if self.stop_requested.is_set():
+            raise Stopped(f"Stopped after step {done} of {total}.")
+        if progress is not None:
+            progress((done, total), desc="denoising", unit="steps")
+
     def on_generate(
-        self, prompt_, negative_, class_, steps_, guidance_, seed_, scheduler_, lora_scale_, count, history
+        self,
+        prompt_,
+        negative_,
+        class_,
+        steps_,
+        guidance_,
+        seed_,
+        scheduler_,
+        lora_scale_,
+        count,
+        history,
+        progress=PROGRESS,
     ):
         gr, holder = self.gr, self.holder
         no_change = [gr.update()] * 6
@@ -81,13 +145,16 @@ class Callbacks:
                     guidance=float(guidance_) if m.guided else None,
                     model_id=m.model_id,
                     control_image=m.control_image,
+                    on_step=lambda done, total: self._step_done(progress, done, total),
                 )
+        except Stopped as stopped:
+            logger.info("%s", stopped)
+            return [*no_change, str(stopped)]
         except Exception as err:  # noqa: BLE001
             logger.error("generation failed: %s", error_message(err).splitlines()[0])
             logger.debug("generation failed", exc_info=True)
             return [*no_change, error_markdown(error_message(err))]
-        what = f"class {result.settings['class_label']} · " if m.kind == "class" else ""
-        new = [(for_display(image), f"{what}seed {first_seed + i}") for i, image in enumerate(result.images)]
+        new = [(for_display(image), caption(result.settings, i)) for i, image in enumerate(result.images)]
         history = (new + list(history or []))[:GALLERY_LIMIT]
         record = result.record
         last = len(record) - 1
@@ -179,12 +246,15 @@ def wire_events(page: Page, callbacks: Callbacks) -> None:
         [model.status, *settings.controls, page.record, gen.step_slider, gen.step_image, gen.step_label],
         show_progress_on=[model.status],
     )
-    gen.button.click(
-        callbacks.on_generate,
-        [*settings.inputs, settings.num_images, page.history],
-        [gen.gallery, page.history, page.record, gen.step_slider, gen.step_image, gen.step_label, gen.status],
-        show_progress_on=[gen.status, gen.gallery],
-    )
+    # Generate, or Enter in the prompt box: clear the last status, then generate with per-step progress
+    for trigger in (gen.button.click, settings.prompt.submit):
+        trigger(callbacks.on_start, None, [gen.status], queue=False, show_progress="hidden").then(
+            callbacks.on_generate,
+            [*settings.inputs, settings.num_images, page.history],
+            [gen.gallery, page.history, page.record, gen.step_slider, gen.step_image, gen.step_label, gen.status],
+            show_progress_on=[gen.status, gen.gallery],  # the per-step bar over the gallery
+        )
+    gen.stop.click(callbacks.on_stop, None, None, queue=False, show_progress="hidden")
     for changed in (gen.step_slider, gen.step_view):
         changed.change(
             callbacks.on_step,
@@ -192,8 +262,8 @@ def wire_events(page: Page, callbacks: Callbacks) -> None:
             [gen.step_image, gen.step_label],
             show_progress="hidden",
         )
-    rec.upload.upload(callbacks.on_upload, [rec.upload], [rec.input, rec.status])
-    rec.button.click(
+    rec.upload.change(callbacks.on_upload, [rec.upload], [rec.input, rec.status])  # dropped, pasted or chosen
+    rec.button.click(callbacks.on_start, None, [rec.status], queue=False, show_progress="hidden").then(
         callbacks.on_reconstruct,
         [rec.upload, rec.noise_level, *settings.inputs],
         [rec.input, rec.noised, rec.output, rec.status],

@@ -64,8 +64,14 @@ def _check_local(path: str, what: str) -> None:
     if local.exists():
         return
     parent = str(local.parent) not in ("", ".") and local.parent.exists()
-    if path.startswith((".", "/", "~")) or parent or os.environ.get("HF_HUB_OFFLINE") == "1":
+    demo = is_missing_demo(path)  # outputs/ of a fresh clone is not there either: never a Hub id
+    if path.startswith((".", "/", "~")) or parent or demo or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"{what} {path!r}: no such file or folder")
+
+
+def is_missing_demo(path: str | None) -> bool:
+    """`path` is the demo model's folder (`make demo` makes it) and it is not there."""
+    return bool(path) and Path(path).as_posix().rstrip("/").endswith(DEMO_MODEL) and not Path(path).is_dir()
 
 
 def default_model() -> str:
@@ -249,12 +255,14 @@ class ModelHolder:
     def __init__(self):
         self.model: ServedModel | None = None
         self.error: str | None = None
+        self.requested: str | None = None  # the folder or id of the last load, served or not
         self.lock = threading.RLock()  # one generation or load at a time
         self._ids = 0
 
     def load(self, model: str, lora: Sequence[str] = (), embeddings: Sequence[str] = (), **kwargs) -> bool:
         with self.lock:
             self._ids += 1
+            self.requested = model
             try:
                 served = load_served_model(model, lora, embeddings, model_id=self._ids, **kwargs)
             except Exception as err:  # noqa: BLE001 - every failure goes to the page, not a traceback

@@ -16,13 +16,24 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.app_model import ModelHolder, ServedModel
+from pipelines.app_model import ModelHolder, ServedModel, is_missing_demo
+
+DEMO_HINT = (
+    "The demo model is made by **`make demo`** (a few minutes on a CPU): run it first and reload this page, or type "
+    "another pipeline folder under **Model** and press **Load**."
+)
 
 DISPLAY_SIZE = 256  # small model outputs (16 px digits) are enlarged (nearest neighbour) to about this for display
 MAX_STEPS = 1000
 MAX_IMAGES = 8
 VIEW_CHOICES = [("noisy sample x_t", "sample"), ("predicted clean image x0", "x0")]
 GUIDANCE_LABELS = {False: "Guidance scale", True: "Guidance (an input of the guidance-distilled model, not CFG)"}
+# SDEdit's strength is the share of the sampling steps re-run, diffusers' image-to-image convention: at 1 denoising
+# starts from the first sampling timestep (t = 980 of 0-999 with 50 DDIM steps), close to but not quite pure noise
+NOISE_LEVEL_LABEL = (
+    "Noise level: the share of the steps re-run (1 = from the first sampling step, e.g. t = 980 of 999 at 50 steps: "
+    "almost pure noise)"
+)
 
 
 def import_gradio():
@@ -57,10 +68,12 @@ def for_display(image: Image.Image | None, size: int = DISPLAY_SIZE) -> Image.Im
 
 
 def model_markdown(holder: ModelHolder) -> str:
-    """The model status line: what is served, or why the last load failed (and what is still served)."""
+    """The model status line: what is served, or why the last load failed (and what is still served; for the demo
+    model that is not there yet, how to make it)."""
     if holder.error:
         still = f"\n\nStill serving {holder.model.describe()}" if holder.model else ""
-        return error_markdown(holder.error) + still
+        hint = f"\n\n{DEMO_HINT}" if holder.model is None and is_missing_demo(holder.requested) else ""
+        return error_markdown(holder.error) + still + hint
     if holder.model is None:
         return "No model loaded: type a pipeline folder under **Model** and press **Load**."
     return holder.model.describe()
@@ -157,6 +170,7 @@ class Settings:
 @dataclass
 class GenerateTab:
     button: Any
+    stop: Any
     status: Any
     gallery: Any
     step_image: Any
@@ -209,7 +223,10 @@ def model_panel(gr, holder: ModelHolder, model: str | None, lora: Sequence[str],
 
 def settings_column(gr, served: ServedModel | None) -> Settings:
     v = control_values(served)
-    prompt = gr.Textbox(label="Prompt", lines=2, visible=v["text"], elem_id="prompt")
+    # one line that grows: Enter generates (a multi-line box would take Enter as a new line)
+    prompt = gr.Textbox(
+        label="Prompt", lines=1, max_lines=4, placeholder="Enter generates", visible=v["text"], elem_id="prompt"
+    )
     negative = gr.Textbox(label="Negative prompt", visible=v["negative"], elem_id="negative-prompt")
     class_label = gr.Dropdown(
         label="Class",
@@ -245,10 +262,14 @@ def settings_column(gr, served: ServedModel | None) -> Settings:
 
 
 def generate_tab(gr) -> GenerateTab:
-    button = gr.Button("Generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        button = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
     status = gr.Markdown(elem_id="generate-status")
+    gr.Markdown("**Results** (newest first)", elem_id="gallery-title")
     gallery = gr.Gallery(
-        label="Results (newest first)",
+        label="Results",
+        show_label=False,  # its floating label would cover the first thumbnail: the title above says it
         columns=6,
         fit_columns=False,
         height=300,
@@ -269,7 +290,25 @@ def generate_tab(gr) -> GenerateTab:
             step_slider = gr.Slider(0, 1, value=0, step=1, label="Step", interactive=False, elem_id="step-slider")
             step_view = gr.Radio(VIEW_CHOICES, value="sample", label="Show", elem_id="step-view")
             step_label = gr.Markdown(elem_id="step-label")
-    return GenerateTab(button, status, gallery, step_image, step_slider, step_view, step_label)
+    return GenerateTab(button, stop, status, gallery, step_image, step_slider, step_view, step_label)
+
+
+def image_drop(gr, **kwargs):
+    """gr.Image as a drop zone (drop, paste, click) with a preview, handing the app the uploaded file's path even when
+    it is not an image, so the page says so in its own words (gradio's preprocessing would fail with a bare toast).
+    (Its preprocess is wrapped on the instance: a subclass of a gradio component makes gradio write a .pyi stub
+    beside this file.)"""
+    drop = gr.Image(type="filepath", **kwargs)
+    original = drop.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except Exception:  # noqa: BLE001 - not an image: pipelines.steps.load_image reports it
+            return None if payload is None else payload.path
+
+    drop.preprocess = preprocess
+    return drop
 
 
 def reconstruct_tab(gr) -> ReconstructTab:
@@ -279,11 +318,15 @@ def reconstruct_tab(gr) -> ReconstructTab:
         "controls on the left."
     )
     with gr.Row():
-        upload = gr.File(label="Image", type="filepath", elem_id="rec-file")
+        upload = image_drop(
+            gr,
+            label="Image: drop it here, paste it (Ctrl+V) or click to choose",
+            sources=["upload", "clipboard"],
+            height=DISPLAY_SIZE,
+            elem_id="rec-file",
+        )
         with gr.Column():
-            noise_level = gr.Slider(
-                0.05, 1.0, value=0.5, step=0.05, label="Noise level (1: pure noise)", elem_id="noise-level"
-            )
+            noise_level = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label=NOISE_LEVEL_LABEL, elem_id="noise-level")
             button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
     status = gr.Markdown(elem_id="rec-status")
     with gr.Row():

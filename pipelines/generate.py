@@ -10,17 +10,21 @@
         --control-image circle.png --controlnet-scale 1.0 --prompt "red circle with blue background" --out o/
     python -m pipelines.generate outputs/digits-class-conditional --class-labels 3 7 --num-images 8 --out digits/
     python -m pipelines.generate outputs/digits-unconditional --num-images 16 --out digits/
+    python -m pipelines.generate outputs/digits-text-to-image --prompt "a handwritten digit three" \
+        --image sketch.png --strength 0.6 --out o/             # image-to-image (SDEdit), pixel models too
 
-Image i of a run uses seed + i, so any single image can be made again. Each PNG carries its settings as a
-`parameters` text chunk (JSON). Stable Diffusion 3 and Flux take LoRAs (no embeddings) and `--scheduler euler` (their
-flow-matching sampler) only; `--guidance` is classifier-free for SD3 and an input of the model for FLUX.1-dev, which
-takes no negative prompt.
+Without --seed a random seed is drawn and printed; image i of a run uses seed + i, so any single image can be made
+again. Each PNG carries its settings, its seed included, as a `parameters` text chunk (JSON). Stable Diffusion 3
+and Flux take LoRAs (no embeddings) and `--scheduler euler` (their flow-matching sampler) only;
+`--guidance` is classifier-free for SD3 and an input of the model for FLUX.1-dev, which takes no negative prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import random
 import re
 import sys
 from collections.abc import Sequence
@@ -86,13 +90,17 @@ def generate(
     width: int | None = None,
     image: str | Path | Image.Image | None = None,
     mask: str | Path | Image.Image | None = None,
-    strength: float = 1.0,
+    strength: float | None = None,
     batch_size: int = 4,
     control_image: str | Path | Image.Image | None = None,
     controlnet_scale: float = 1.0,
 ) -> list[tuple[Image.Image, dict[str, Any]]]:
-    """(image, its settings) for every image asked for; a pipeline with a ControlNet (load_pipeline(...,
-    controlnet=...)) draws text-to-image following `control_image` at `controlnet_scale`."""
+    """(image, its settings) for every image asked for. With `image` and no `mask`: image-to-image (SDEdit, Meng et
+    al. 2022), the image noised to `strength` (default 0.8) and denoised: through the family's image-to-image
+    pipeline for a text-to-image model (diffusers' AutoPipelineForImage2Image.from_pipe, the same modules), through
+    the scheduler loop of `pipelines.steps.reconstruct` for a pixel model. A pipeline with a
+    ControlNet (load_pipeline(..., controlnet=...)) draws text-to-image following `control_image` at
+    `controlnet_scale`."""
     if num_images < 1 or batch_size < 1 or steps < 1:
         raise ValueError("--num-images, --batch-size and --steps must be >= 1")
     controlled = getattr(pipe, "controlnet", None) is not None
@@ -103,19 +111,38 @@ def generate(
         control_image = control_image if isinstance(control_image, Image.Image) else load_image(control_image, "RGB")
         width = width or control_image.width // 8 * 8
         height = height or control_image.height // 8 * 8
+        if image is not None or mask is not None:
+            raise ValueError("--image/--mask do not combine with a ControlNet here; its input is --control-image")
     elif control_image is not None:
         raise ValueError("--control-image needs a ControlNet (--controlnet DIR)")
     if kind == "image-to-image":
         raise ValueError(f"{type(pipe).__name__} is an image-to-image pipeline, which this command does not run")
     jobs = plan_jobs(kind, list(prompts), list(class_labels), num_images, seed)
+    runner, image_to_image = pipe, False
     if kind == "inpaint":
         if image is None or mask is None:
             raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give --image and --mask")
         image = image if isinstance(image, Image.Image) else load_image(image, "RGB")
         mask = mask if isinstance(mask, Image.Image) else load_image(mask, "L")
         width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
-    elif image is not None or mask is not None:
-        raise ValueError(f"--image/--mask need an inpainting pipeline; {type(pipe).__name__} is not one")
+        strength = 1.0 if strength is None else strength
+    elif mask is not None:
+        raise ValueError(f"--mask needs an inpainting pipeline; {type(pipe).__name__} is not one")
+    elif image is not None:
+        from pipelines.steps import fit_image, img2img_for, model_image_size
+
+        image_to_image, strength = True, 0.8 if strength is None else strength
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"--strength must be in (0, 1], got {strength}")
+        model_height, model_width, channels = model_image_size(pipe)
+        picture = image if isinstance(image, Image.Image) else load_image(image, "RGB")
+        height, width = height or model_height, width or model_width
+        image = fit_image(picture, height, width, channels)
+        if kind == "text":
+            runner = img2img_for(pipe)
+            runner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    elif strength is not None:
+        raise ValueError("--strength needs --image (image-to-image) or an inpainting pipeline")
     if negative_prompt and kind not in ("text", "inpaint"):
         raise ValueError("--negative-prompt needs a text-conditioned pipeline")
     if negative_prompt and not uses_negative_prompt(pipe):
@@ -127,6 +154,22 @@ def generate(
         raise ValueError(f"{type(pipe).__name__} has no guidance; leave out --guidance")
 
     results = []
+    if image_to_image and kind != "text":  # a pixel model: SDEdit through its scheduler loop, one image at a time
+        from pipelines.steps import reconstruct
+
+        for job in jobs:
+            made = reconstruct(
+                pipe,
+                image,
+                strength=strength,
+                steps=steps,
+                seed=job["seed"],
+                class_label=job.get("class_label", 0),
+                guidance=guidance,
+            )
+            settings = {**job, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__}
+            results.append((made.reconstruction, {**settings, "strength": strength, "image_to_image": True}))
+        return results
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         kwargs: dict[str, Any] = {
@@ -139,23 +182,27 @@ def generate(
             kwargs["prompt"] = [job["prompt"] for job in batch]
             if negative_prompt:
                 kwargs["negative_prompt"] = [negative_prompt] * len(batch)
-            if height or width:
+            if (height or width) and "height" in inspect.signature(runner.__call__).parameters:
                 kwargs.update(height=height, width=width)
             if kind == "inpaint":
                 kwargs.update(image=image, mask_image=mask, strength=strength)
+            elif image_to_image:
+                kwargs.update(image=image, strength=strength)
             if controlled:
                 kwargs.update(image=control_image, controlnet_conditioning_scale=controlnet_scale)
         elif kind == "class":
             kwargs["class_labels"] = [job["class_label"] for job in batch]
         else:
             kwargs["batch_size"] = len(batch)
-        images = pipe(**kwargs).images
+        images = runner(**kwargs).images
         for picture, job in zip(images, batch):
-            settings = {**job, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__}
+            settings = {**job, "steps": steps, "guidance": guidance, "scheduler": type(runner.scheduler).__name__}
             if negative_prompt:
                 settings["negative_prompt"] = negative_prompt
-            if kind == "inpaint":
+            if kind == "inpaint" or image_to_image:
                 settings["strength"] = strength
+            if image_to_image:
+                settings["image_to_image"] = True
             if controlled:
                 settings["controlnet_scale"] = controlnet_scale
             results.append((picture, settings))
@@ -180,10 +227,20 @@ def _write_new(path_for, image: Image.Image, start: int, info: PngInfo | None = 
         n += 1
 
 
+def grid_label(settings: dict[str, Any]) -> str:
+    """What the grid writes under an image's row: its prompt or its class ('' for an unconditional model)."""
+    if settings.get("prompt") is not None:
+        return str(settings["prompt"])
+    if settings.get("class_label") is not None:
+        return f"class {settings['class_label']}"
+    return ""
+
+
 def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str | Path, extra: dict | None = None):
-    """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...)."""
+    """Numbered PNGs after the highest number already in `out_dir`, and a grid (grid.png, grid-2.png, ...): small
+    images enlarged (nearest), each prompt's or class's images in a row with it written underneath."""
     from finetune.atomic import reporting_write_errors
-    from finetune.outputs import image_grid
+    from finetune.outputs import grid_image
 
     out_dir = Path(out_dir)
     with reporting_write_errors(out_dir):
@@ -197,8 +254,12 @@ def save_images(results: list[tuple[Image.Image, dict[str, Any]]], out_dir: str 
         path = _write_new(lambda n: out_dir / f"{n:04d}.png", picture, next_number, info)
         next_number = int(path.stem) + 1
         paths.append(path)
-    grid = image_grid([picture for picture, _ in results])
-    grid_path = _write_new(lambda n: out_dir / ("grid.png" if n == 1 else f"grid-{n}.png"), grid, 1)
+    grid = grid_image([picture for picture, _ in results], labels=[grid_label(settings) for _, settings in results])
+    info = PngInfo()  # the grid's settings: the first image's, and every image's seed
+    info.add_text(
+        "parameters", json.dumps({**results[0][1], "seeds": [s["seed"] for _, s in results], **(extra or {})})
+    )
+    grid_path = _write_new(lambda n: out_dir / ("grid.png" if n == 1 else f"grid-{n}.png"), grid, 1, info)
     return paths, grid_path
 
 
@@ -217,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt / label (default: 1)")
     parser.add_argument("--steps", type=int, default=50, help="inference steps (default: 50)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image; image i uses seed + i (default: a random seed, printed and written into each "
+        "PNG's metadata)",
+    )
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -238,14 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet's residuals (default: 1.0)"
     )
-    parser.add_argument("--image", default=None, help="image to inpaint (inpainting pipelines)")
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="an input image: image-to-image (SDEdit) for text-to-image and pixel models, the image to inpaint for "
+        "inpainting pipelines (with --mask)",
+    )
     parser.add_argument("--mask", default=None, help="inpainting mask: white is repainted, black is kept")
-    parser.add_argument("--strength", type=float, default=1.0, help="inpainting strength (default: 1.0)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how much of --image is noised away, in (0, 1]: 1 keeps nothing of it (default: 0.8 for image-to-image, "
+        "1.0 for inpainting)",
+    )
     parser.add_argument("--height", type=int, default=None, help="image height (text-to-image, inpainting)")
     parser.add_argument("--width", type=int, default=None, help="image width (text-to-image, inpainting)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -316,6 +395,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(one_line(err)) from err
     except (OSError, SafetensorError) as err:
         raise InputError(describe_load_error(err, args.base, "base model", "pipeline")) from err
+    pipe.set_progress_bar_config(disable=args.quiet)  # (load_pipeline turns it off: library users choose)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    if args.seed is None:
+        print(f"seed: {seed} (image i uses {seed} + i; --seed {seed} makes these images again)", file=sys.stderr)
     try:
         results = generate(
             pipe,
@@ -325,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
             num_images=args.num_images,
             steps=args.steps,
             guidance=args.guidance,
-            seed=args.seed,
+            seed=seed,
             height=args.height,
             width=args.width,
             image=args.image,

@@ -21,6 +21,7 @@ import inspect
 import math
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +170,9 @@ class StepRecorder:
     every `every`-th step (and the last). x_t of samplers that scale it by sigma (Euler) is kept as
     x_t / sqrt(sigma^2 + 1), the variance-preserving equivalent, so that it decodes like the others."""
 
-    def __init__(self, scheduler, total_steps: int, max_frames: int = MAX_FRAMES, unpack=None):
+    def __init__(self, scheduler, total_steps: int, max_frames: int = MAX_FRAMES, unpack=None, on_step=None):
         self.scheduler = scheduler
+        self.on_step = on_step  # on_step(done, total) after every step; it may raise to stop the generation
         self.unpack = unpack  # packed latents (Flux) -> [B, C, H, W]: `latent_unpacker`
         self.total_steps = max(1, int(total_steps))
         self.every = max(1, math.ceil(self.total_steps / max(1, max_frames - 1)))
@@ -268,6 +270,8 @@ class StepRecorder:
         self._last = frame
         if self.calls % self.every == 0:
             self.frames.append(frame)
+        if self.on_step is not None:
+            self.on_step(self.calls, self.total_steps)
         return output
 
 
@@ -375,10 +379,13 @@ def generate_with_steps(
     guidance: float | None = None,
     max_frames: int = MAX_FRAMES,
     model_id: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     control_image: Image.Image | None = None,
 ) -> Generation:
     """`num_images` images (image i from seed + i) and the denoising steps of the first one. The pipeline's scheduler
-    is used as it is (set `pipe.scheduler` first to change it). With a ControlNet: follows `control_image`."""
+    is used as it is (set `pipe.scheduler` first to change it). `on_step(done, total)` is called after every step
+    (progress); an exception it raises stops the generation and comes out of this call. With a ControlNet: follows
+    `control_image`."""
     kind = pipeline_kind(pipe)
     steps, num_images = int(steps), int(num_images)
     if steps < 1 or num_images < 1:
@@ -405,7 +412,7 @@ def generate_with_steps(
     else:
         kwargs["batch_size"] = num_images
     start = time.perf_counter()
-    with StepRecorder(pipe.scheduler, steps, max_frames, unpack) as recorder:
+    with StepRecorder(pipe.scheduler, steps, max_frames, unpack, on_step) as recorder:
         images = pipe(**kwargs).images
     seconds = time.perf_counter() - start
     settings = {"seed": int(seed), "steps": steps, "scheduler": type(pipe.scheduler).__name__}

@@ -319,9 +319,17 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert steps["value"] == 12 and guidance["visible"] and guidance["value"] == 2.0 and not lora_scale["visible"]
     assert scheduler["choices"] == ["default", "ddim", "ddpm", "dpm++"] and images["value"] == 4
 
-    gallery, history, record, slider, image, label, status = on_generate("", "", 2, 5, 2.0, 7, "ddpm", 1.0, 3, [])
+    seen_progress = []
+
+    def progress(fraction, desc=None, unit=None):  # what gr.Progress is told: (done, total) after every step
+        seen_progress.append(fraction)
+
+    gallery, history, record, slider, image, label, status = on_generate(
+        "", "", 2, 5, 2.0, 7, "ddpm", 1.0, 3, [], progress=progress
+    )
     assert status.startswith("Generated 3 images in") and "DDPMScheduler" in status
-    assert [caption for _, caption in gallery] == [f"class 2 · seed {s}" for s in (7, 8, 9)]
+    assert seen_progress == [(step, 5) for step in range(1, 6)]
+    assert [caption for _, caption in gallery] == [f"class 2 · 5 steps · guidance 2 · seed {s}" for s in (7, 8, 9)]
     assert gallery[0][0].size == (256, 256)  # 8 px enlarged x32 for the page
     assert slider["value"] == 5 and slider["interactive"] and label == "step 5 of 5 (from t = 0)"
     first, first_label = on_step(record, 0, "sample")
@@ -329,7 +337,13 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert np.abs(as_array(first) - as_array(image)).mean() > 1
     assert on_step(record, 2, "x0")[0].size == (256, 256)
     more = on_generate("", "", 0, 2, 2.0, 0, "default", 1.0, 1, history)[0]
-    assert len(more) == 4 and more[0][1] == "class 0 · seed 0"
+    assert len(more) == 4 and more[0][1] == "class 0 · 2 steps · guidance 2 · seed 0"
+    # Stop: the run ends after its current step, says so, and leaves the gallery as it was; the next run starts clean
+    on_start, on_stop = handler(app, "on_start"), handler(app, "on_stop")
+    on_stop()
+    *unchanged, status = on_generate("", "", 0, 4, 2.0, 0, "default", 1.0, 1, more)
+    assert status == "Stopped after step 1 of 4." and all(u == {"__type__": "update"} for u in unchanged)
+    assert on_start() == "" and on_generate("", "", 0, 2, 2.0, 0, "default", 1.0, 1, [])[-1].startswith("Generated")
 
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
@@ -343,14 +357,26 @@ def test_the_page_loads_models_generates_and_reconstructs(tiny_sd_dir, tiny_ddpm
     assert status.startswith("Noised to t =") and "denoised in 2 steps" in status and output.size == (256, 256)
 
     wide = make_lora(tmp_path / "wide", tiny_sd_dir, seed=3, block_out_channels=[16, 48], norm_num_groups=8)
-    status = on_load(str(tiny_sd_dir), str(wide), "")[0]
+    status, *kept = on_load(str(tiny_sd_dir), str(wide), "")
     assert status.startswith("**Error:** Could not load") and "does not fit the base model" in status
+    assert kept == [{"__type__": "update"}] * 12  # a failed load leaves the settings and the step viewer alone
     assert "Still serving **" in status and str(cc) in status  # the class-conditional model stays
     assert on_step(record, 1, "sample")[1] == "step 1 of 5 (from t = 800)"  # same model: its steps still show
 
     status, prompt, *_ = on_load(str(tiny_ddpm_dir), "", "")
     assert "DDPMPipeline (unconditional" in status and not prompt["visible"]
     assert "reloaded" in on_step(record, 1, "sample")[1]  # steps of the previous model are not decoded with this one
+
+
+def test_a_missing_demo_model_says_how_to_make_it(tmp_path, monkeypatch):
+    need("gradio")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from pipelines.app import DEMO_MODEL, build_app
+
+    status = component(build_app(DEMO_MODEL), "model-status").value
+    assert "no such file or folder" in status and "`make demo`" in status
+    assert "make demo" not in component(build_app(str(tmp_path / "elsewhere")), "model-status").value
 
 
 def test_lora_scale_scheduler_and_embeddings(tiny_sd_dir, tmp_path):
@@ -617,11 +643,14 @@ def test_the_command_serves_on_loopback_and_shows_a_bad_model_in_the_page(tmp_pa
     port = free_port()
     command = [sys.executable, "-m", "pipelines.app", "--model", str(not_a_pipeline), "--port", str(port)]
     env = subprocess_env(GRADIO_TEMP_DIR=str(tmp_path / "gradio"), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = tmp_path / "app.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            command, cwd=Path(__file__).parents[1], env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
+        )
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/config") is not None, timeout=240, process=process)
+        wait_for(lambda: "difftune app on" in log.read_text(), timeout=60, process=process)  # printed once served
         config = http_get(f"http://127.0.0.1:{port}/config")
         address = outward_address()
         if address is not None:  # served on loopback only
@@ -630,9 +659,10 @@ def test_the_command_serves_on_loopback_and_shows_a_bad_model_in_the_page(tmp_pa
                 sock.connect((address, port))
     finally:
         process.terminate()
-        output = process.communicate(timeout=60)[0]
+        process.wait(timeout=60)
+    output = log.read_text()
     assert "is not a diffusers pipeline folder: it has no model_index.json" in config
-    assert f"Running on local URL:  http://127.0.0.1:{port}" in output
+    assert f"difftune app on http://127.0.0.1:{port}/" in output and "share=True" not in output
     assert "is not a diffusers pipeline folder" in output and "Traceback" not in output, output
 
 
@@ -654,6 +684,62 @@ def step_label(page) -> str:
     return match.group(0) if match else page.inner_text("#step-label")
 
 
+DROP_FILE = """([target, name, b64]) => {
+    // a file dropped on the element, as a user drags one from their file manager
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], name, {type: "image/png"}));
+    for (const type of ["dragenter", "dragover", "drop"]) {
+        target.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+    }
+}"""
+DROP_ZONE = "#rec-file button[aria-dropeffect=copy]"
+
+
+def drop_file(page, name: str, data: bytes) -> None:
+    import base64
+
+    page.locator(DROP_ZONE).evaluate(
+        f"(target, args) => ({DROP_FILE})([target, ...args])", [name, base64.b64encode(data).decode()]
+    )
+
+
+WATCH_STATUS = """() => {
+    // notes whether the status line was ever without a result line (cleared when the run started)
+    const status = document.querySelector('#generate-status');
+    window.statusCleared = !status.innerText.match(/Generated|Error|Stopped/);
+    new MutationObserver(() => {
+        if (!status.innerText.match(/Generated|Error|Stopped/)) window.statusCleared = true;
+    }).observe(status, {subtree: true, childList: true, characterData: true});
+}"""
+RUN_DONE = """() => {
+    const text = document.querySelector('#generate-status').innerText;
+    return window.statusCleared && text.match(/Generated|Error|Stopped/) && !text.match(/queue:|denoising/);
+}"""
+
+
+def set_numbers(page, values: dict) -> None:
+    """Type numbers into the settings (elem_id -> value; None leaves one alone), as a user would."""
+    for elem_id, value in values.items():
+        if value is not None:
+            field = page.locator(f"#{elem_id} input[type=number], #{elem_id} input:not([type=range])").first
+            field.fill(str(value))
+            field.press("Enter")
+
+
+def generate_and_wait(page, prompt: str | None) -> str:
+    """Generate: Enter in the prompt box when the model takes a prompt, else the button. Waits until the previous
+    status line has gone (cleared as the run starts) and this run's has come, and returns it."""
+    page.evaluate(WATCH_STATUS)
+    if prompt is not None:
+        page.fill("#prompt textarea", prompt)
+        page.press("#prompt textarea", "Enter")
+    else:
+        page.click("#generate")
+    page.wait_for_function(RUN_DONE)
+    return page.inner_text("#generate-status")
+
+
 def drive_app(
     url: str,
     screenshot: Path,
@@ -664,10 +750,12 @@ def drive_app(
     slider_to: float = 0.0,
     upload: Path | None = None,
 ) -> dict:
-    """Open the app, generate (optionally typing a prompt and setting steps / number of images), move the steps
-    slider to the fraction `slider_to` of its range, check that the shown image changes, try an upload that is not an
-    image (and reconstruct `upload` if given), go back to the first tab and save a screenshot. Returns what it saw;
-    raises AssertionError when the page does not behave."""
+    """Open the app and use it as a person would: generate (Enter in the prompt box when there is one, after setting
+    steps / number of images), move the steps slider to the fraction `slider_to` of its range and check that the
+    shown image changes, try to load a model that is not there and check that the settings and the step viewer
+    stay, drop a file that is not an image and then `upload` (if given) on the SDEdit drop zone and reconstruct it,
+    generate once more and save a screenshot. Returns what it saw; raises AssertionError when the page does not
+    behave."""
     from playwright.sync_api import sync_playwright
 
     host = url.rstrip("/")
@@ -686,15 +774,9 @@ def drive_app(
             )
             page.goto(url)
             page.wait_for_selector("#generate")
-            if prompt is not None:
-                page.fill("#prompt textarea", prompt)
-            for elem_id, value in (("steps", steps), ("num-images", images)):
-                if value is not None:
-                    page.fill(f"#{elem_id} input[type=number]", str(value))
-                    page.press(f"#{elem_id} input[type=number]", "Enter")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#generate-status').innerText.match(/Generated|Error/)")
-            seen["status"] = page.inner_text("#generate-status")
+            settings = {"steps": steps, "num-images": images}
+            set_numbers(page, settings)
+            seen["status"] = generate_and_wait(page, prompt)
             assert seen["status"].startswith("Generated"), seen["status"]
             seen["gallery"] = page.locator("#gallery img").count()
             assert seen["gallery"] >= 1
@@ -718,22 +800,59 @@ def drive_app(
             seen["step_change"] = float(np.abs(as_array(before.convert("L")) - as_array(after.convert("L"))).mean())
             assert seen["step_change"] > 0.5, "the image at another step looks the same"
 
+            # a Load that fails: the error shows, the settings and the step viewer stay as they were
+            kept = {
+                "images": page.input_value("#num-images input[type=number]"),
+                "steps": page.input_value("#steps input[type=number]"),
+                "slider": page.input_value("#step-slider input[type=range]"),
+                "step_image": shown.evaluate("img => img.src"),
+            }
+            if not page.locator("#load").is_visible():
+                page.get_by_text("Model", exact=True).first.click()  # the accordion is closed when a model is served
+            path_box = page.locator("#model-path input, #model-path textarea").first
+            served = path_box.input_value()
+            path_box.fill(str(screenshot.parent / "no-such-model"))
+            page.click("#load")
+            page.wait_for_function("document.querySelector('#model-status').innerText.includes('Error')")
+            seen["failed_load"] = page.inner_text("#model-status")
+            after_failure = {
+                "images": page.input_value("#num-images input[type=number]"),
+                "steps": page.input_value("#steps input[type=number]"),
+                "slider": page.input_value("#step-slider input[type=range]"),
+                "step_image": shown.evaluate("img => img.src"),
+            }
+            assert after_failure == kept, (kept, after_failure)
+            seen["kept_after_failed_load"] = kept
+            path_box.fill(served)  # and back to the model served, its defaults, the accordion closed again
+            page.click("#load")
+            page.wait_for_function("!document.querySelector('#model-status').innerText.includes('Error')")
+            page.get_by_text("Model", exact=True).first.click()
+
+            # SDEdit: files dropped on the drop zone; one that is not an image is reported in the page
             page.get_by_role("tab", name="Reconstruct (SDEdit)").click()
-            page.locator("#rec-file input[type=file]").set_input_files(
-                {"name": "notes.png", "mimeType": "image/png", "buffer": b"this is not an image"}
-            )
+            drop_file(page, "notes.png", b"this is not an image")
             page.wait_for_function("document.querySelector('#rec-status').innerText.includes('not an image')")
             seen["upload_error"] = page.inner_text("#rec-status")
             if upload is not None:
-                page.click("#rec-file button[aria-label=Clear]")
-                page.locator("#rec-file input[type=file]").set_input_files(str(upload))
+                page.click("#rec-file button[aria-label='Remove Image']")
+                drop_file(page, upload.name, upload.read_bytes())
                 page.wait_for_function("!document.querySelector('#rec-status').innerText.includes('not an image')")
+                page.wait_for_selector("#rec-file img")  # the drop zone previews the image
+                page.wait_for_selector("#rec-input img")  # and the app shows it as the model sees it
                 page.click("#reconstruct")
                 page.wait_for_function("document.querySelector('#rec-status').innerText.match(/Noised|Error/)")
                 seen["reconstruct"] = page.inner_text("#rec-status")
                 assert seen["reconstruct"].startswith("Noised to t ="), seen["reconstruct"]
                 assert page.locator("#rec-noised img").count() == 1 and page.locator("#rec-output img").count() == 1
             page.get_by_role("tab", name="Generate").click()
+
+            # once more, other seeds (the status of the last run goes as this one starts), then the picture
+            set_numbers(page, {**settings, "seed": 100})
+            seen["second_status"] = generate_and_wait(page, prompt)
+            assert seen["second_status"].startswith("Generated"), seen["second_status"]
+            seen["gallery_after"] = page.locator("#gallery img").count()
+            page.locator("#step-slider input[type=range]").fill(str(target))
+            page.wait_for_function(f"document.querySelector('#step-label').innerText.includes('step {target} of')")
             page.wait_for_selector("#step-image img")
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
@@ -768,7 +887,10 @@ def test_app_in_headless_chromium(tiny_sd_dir, tmp_path, monkeypatch):
     finally:
         app.close()
     assert seen["gallery"] == 2 and seen["labels"][0].startswith("step 6 of 6")
+    assert "no such file or folder" in seen["failed_load"] and "Still serving" in seen["failed_load"]
+    assert seen["kept_after_failed_load"]["images"] == "2" and seen["kept_after_failed_load"]["steps"] == "6"
     assert "'notes.png' is not an image that can be read" in seen["upload_error"]
+    assert seen["reconstruct"].startswith("Noised to t =") and seen["gallery_after"] == 4
     assert seen["outside_requests"] == []  # nothing but the app itself: no analytics, fonts or CDNs
     with Image.open(screenshot) as shot:
         assert shot.format == "PNG" and shot.width == 1280 and shot.height > 600

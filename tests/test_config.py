@@ -20,7 +20,7 @@ def test_every_recipe_parses_and_names_its_launch_command(recipe):
     config = load_config(recipe)
     assert config.method in method_names()
     header = recipe.read_text().splitlines()[:12]
-    assert any("accelerate launch" in line and recipe.name in line for line in header), (
+    assert any(("difftune train" in line or "accelerate launch" in line) and recipe.name in line for line in header), (
         f"{recipe.name}: the header comment must give the exact launch command"
     )
 

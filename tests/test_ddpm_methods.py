@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipelines.class_conditional import ClassConditionalDDPMPipeline
 from tests.helpers import run_training, tiny_ddpm_recipe
+from tests.test_outputs import assert_valid_card
 from tests.tiny_models import make_tiny_unet2d
 
 
@@ -21,7 +22,8 @@ def logged_losses(output_dir):
 
 
 def test_unconditional_trains_saves_loads_and_samples(tmp_path):
-    out = run_training(tiny_ddpm_recipe(tmp_path / "run", train={"max_train_steps": 30}, ema={"use_ema": True}))
+    recipe = tiny_ddpm_recipe(tmp_path / "run", train={"max_train_steps": 30, "report_to": "tensorboard"})
+    out = run_training({**recipe, "ema": {"use_ema": True}})
     losses = logged_losses(out)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), f"loss did not fall: {losses[:5]} -> {losses[-5:]}"
     for expected in ("model_index.json", "README.md", "loss_curve.png", "samples/final.png", "config.yaml"):
@@ -30,7 +32,18 @@ def test_unconditional_trains_saves_loads_and_samples(tmp_path):
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
     card = (out / "README.md").read_text()
-    assert "DDPMPipeline.from_pretrained" in card and "| method | unconditional |" in card
+    assert "| method | unconditional |" in card and f'DDPMPipeline.from_pretrained("{out}")' in card
+    meta = assert_valid_card(out / "README.md")
+    assert meta["pipeline_tag"] == "unconditional-image-generation" and "base_model" not in meta
+    assert "min-SNR gamma" not in card  # unset: no row
+    # TensorBoard: one run folder (the run's own), its hyperparameters logged once, numbers as numbers
+    runs, hyperparameters = tensorboard_hyperparameters(out / "logs")
+    assert runs == [out / "logs" / "difftune"], runs
+    assert hyperparameters["optim.lr"] == ("number_value", 1e-3)
+    assert hyperparameters["train.max_train_steps"] == ("number_value", 30)
+    assert hyperparameters["ema.use_ema"] == ("number_value", 1.0)  # torch's hparams writes booleans as 0 / 1
+    assert hyperparameters["method"] == ("string_value", "unconditional")
+    assert "diffusion.snr_gamma" not in hyperparameters  # unset
 
 
 def test_saved_weights_are_the_ema_weights(tmp_path):
@@ -149,3 +162,21 @@ def test_a_label_outside_num_classes_is_refused_at_start_naming_the_file(tmp_pat
     recipe = tiny_ddpm_recipe(tmp_path / "run", method="class_conditional", data={"dataset": str(folder)})
     with pytest.raises(ConfigError, match=rf"label 12 of .*{paths[2].name} is outside \[0, 10\)"):
         run_training(recipe)
+
+
+def tensorboard_hyperparameters(logs) -> tuple[list, dict]:
+    """The run folders under `logs` that hold event files, and the hyperparameters of the HParams dashboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    runs = sorted({path.parent for path in logs.rglob("events.out.tfevents.*")})
+    values = {}
+    for run in runs:
+        events = EventAccumulator(str(run))
+        events.Reload()
+        for content in events.PluginTagToContent("hparams").values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                for key, value in data.session_start_info.hparams.items():
+                    values[key] = value.WhichOneof("kind"), getattr(value, value.WhichOneof("kind"))
+    return runs, values

@@ -161,12 +161,14 @@ def test_evaluate_pipeline_folder_scores_a_saved_ddpm_pipeline(classifier, tiny_
     result = ev.evaluate_pipeline_folder(tiny_pipeline_folder, num_samples=12, steps=3, batch_size=8, seed=0)
     samples, baseline = result["digits"]["samples"], result["digits"]["baseline"]
     assert samples["num_samples"] == 12 and result["settings"]["pipeline_class"] == "DDPMPipeline"
+    assert baseline["num_samples"] == 12, "the baseline uses as many held-out images as there are samples"
     for key in ("fd", "kid_mean", "kid_std", "confident_fraction"):
         assert math.isfinite(samples[key]) and math.isfinite(baseline[key]), key
     assert samples["fd"] > baseline["fd"], "random UNet weights cannot look like digits"
     assert "class_accuracy" not in samples and result["settings"]["class_conditional"] is False
     report = capsys.readouterr().out
     assert "real-vs-real baseline" in report and "Fréchet distance" in report
+    assert "KID (Binkowski et al. 2018) is unbiased" in report
 
 
 def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(tiny_pipeline_folder):
@@ -261,6 +263,10 @@ def test_cli_names_the_bad_path(tmp_path, capsys):
     not_a_pipeline.mkdir()
     assert ev.main([str(not_a_pipeline)]) == 2
     assert "model_index.json" in capsys.readouterr().err
+    # too few samples for FD to mean much: said before any work (here the folder is refused next)
+    assert ev.main([str(not_a_pipeline), "--num-samples", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --num-samples 64: FD on fewer than about 500 images is biased" in err
 
 
 # ---- Inception ------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from finetune.outputs import HUB_IGNORE_PATTERNS
 from tests.helpers import run_training, tiny_ddpm_recipe
+from tests.test_outputs import assert_valid_card
 from tests.tiny_models import make_test_images
 
 SECRET = "hf_difftuneTestToken0123456789abcdef"
@@ -107,6 +108,12 @@ def test_an_adapter_push_uploads_the_output_without_checkpoints(hub, tiny_sd_dir
     assert HUB_IGNORE_PATTERNS == ["checkpoint-*", ".checkpoint-*", "logs/*", "class_images/*", ".cache/*"]
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card and "| method | lora |" in card
+    # the card validates, loads from the Hub id the run pushed to, and shows a prompt of the data it trained on
+    meta = assert_valid_card(out / "README.md")
+    assert meta["pipeline_tag"] == "text-to-image" and meta["license"] == "creativeml-openrail-m"
+    assert meta["instance_prompt"] == "a toy 0"  # a caption of its data; the samples show its validation prompt
+    assert meta["widget"] == [{"text": "a toy", "output": {"url": "samples/final.png"}}]
+    assert 'pipe.load_lora_weights("someone/tiny-lora")' in card and 'image = pipe("a toy 0", ' in card
     assert "pushed" in caplog.text and "someone/tiny-lora" in caplog.text
     assert_no_token_anywhere(out, caplog, capfd)
 

@@ -119,6 +119,23 @@ def test_text_encoder_lora_is_saved_and_loaded(tiny_sd, captioned_folder, tmp_pa
         load_pipeline(tiny_sd, lora=str(out))
 
 
+def test_a_lora_on_attention_and_other_modules_loads_every_layer_it_trained(tiny_sd, captioned_folder, tmp_path):
+    """Attention projections beside other target modules: diffusers' old key layout renames only the attention
+    ones, and a file mixing both layouts loads one part silently. Every trained layer must come back exactly."""
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in"]
+    out = run_training(lora_recipe(tiny_sd, captioned_folder, tmp_path / "run", target_modules=targets))
+    saved = {k.removeprefix("unet."): v for k, v in load_file(str(out / "pytorch_lora_weights.safetensors")).items()}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(out, adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="trained")
+    assert {k for k in saved if ".ff.net.2." in k} and {k for k in saved if ".to_out.0." in k}
+    assert sorted(loaded) == sorted(saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cache", ["disk"])  # memory: in the contract (tests/contract.py), on every family
 def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_folder, tmp_path, cache):
     from accelerate import Accelerator

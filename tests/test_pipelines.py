@@ -175,7 +175,8 @@ def test_generate_writes_numbered_images_and_a_grid_without_overwriting(tiny_sd_
     assert main(argv + ["--negative-prompt", "blurry", "--batch-size", "3"]) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(first) == ["0001.png", "0002.png", "0003.png", "0004.png", "grid.png"]
-    assert Image.open(out / "grid.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2x2 tiles, 2 px gaps
+    # 32 px enlarged x2 (nearest), a row per prompt with the prompt under it in an 18 px strip, 2 px gaps
+    assert Image.open(out / "grid.png").size == (2 * 64 + 3 * 2, 2 + 2 * (64 + 2 + 18))
     settings = json.loads(Image.open(out / "0003.png").text["parameters"])
     assert settings["prompt"] == "a toy drawing" and settings["seed"] == 7 and settings["negative_prompt"] == "blurry"
     assert settings["lora"] == [f"{a}:0.7", f"{b}:1.0"] and settings["scheduler"] == "DPMSolverMultistepScheduler"
@@ -224,6 +225,7 @@ def test_class_conditional_and_ddpm_folders(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["0001.png", "0002.png", "0003.png", "0004.png", "grid.png"]
     labels = [json.loads(Image.open(out / f"000{i}.png").text["parameters"])["class_label"] for i in range(1, 5)]
     assert labels == [0, 0, 2, 2]
+    assert Image.open(out / "grid.png").size == (2 * 64 + 3 * 2, 2 + 2 * (64 + 2 + 18))  # 8 px x8, rows per class
     assert main([str(folder), "--class-labels", "3", "--steps", "2", "--out", str(out)]) == 2
     assert "class_labels must be integers in [0, 3)" in capsys.readouterr().err
     assert main([str(folder), "--prompt", "a three", "--out", str(out)]) == 2
@@ -275,7 +277,21 @@ def test_an_sd3_folder_saved_without_t5_loads_without_it(flow_models, tmp_path):
 def test_generate_sd3_and_flux_with_a_lora(family, flow_models, tmp_path, capsys):
     base, lora = (str(path) for path in flow_models[family])
     out = tmp_path / "out"
-    argv = [base, "--prompt", PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    argv = [
+        base,
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     negative = ["--negative-prompt", "blurry"] if family == "sd3" else []  # Flux does not use one
 
     def image(*extra: str) -> np.ndarray:

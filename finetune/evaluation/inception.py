@@ -14,6 +14,8 @@ from finetune.evaluation.metrics import (
     FeatureDistance,
     _check_image_batch,
     _seeded_subset,
+    held_out_draw,
+    heldout_count,
     split_reference_and_heldout,
 )
 
@@ -329,7 +331,8 @@ class InceptionEvaluator:
         self.num_reference = len(reference)
         self.reference_images = reference
         self._distance = FeatureDistance(self.features(reference), kid_subsets, kid_subset_size, seed)
-        self._baseline: dict | None = None
+        self.seed = seed
+        self._baselines: dict[int, dict] = {}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -343,8 +346,10 @@ class InceptionEvaluator:
         scores["num_samples"] = len(fake_images)
         return scores
 
-    def baseline(self) -> dict:
-        """The same metrics for the held-out real images (computed once)."""
-        if self._baseline is None:
-            self._baseline = self.score(self._heldout)
-        return dict(self._baseline)
+    def baseline(self, num_samples: int | None = None) -> dict:
+        """The same metrics for the held-out real images; with `num_samples`, for that many of them (as many as the
+        samples, so that both carry the same small-sample bias). Computed once per count."""
+        count = heldout_count(len(self._heldout), num_samples)
+        if count not in self._baselines:
+            self._baselines[count] = self.score(self._heldout[held_out_draw(len(self._heldout), count, self.seed)])
+        return dict(self._baselines[count])

@@ -95,6 +95,18 @@ def _seeded_subset(images: torch.Tensor, count: int | None, seed: int) -> torch.
     return images[order[:count]]
 
 
+def heldout_count(available: int, wanted: int | None) -> int:
+    """How many held-out images a baseline for `wanted` samples uses: as many, or all there are."""
+    return available if wanted is None else max(2, min(int(wanted), available))
+
+
+def held_out_draw(available: int, count: int, seed: int) -> torch.Tensor:
+    """Indices of `count` of `available` held-out images (a seeded draw; all of them, in order, when count is all)."""
+    if count >= available:
+        return torch.arange(available)
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]
+
+
 def split_reference_and_heldout(images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded half / half split of one real set into a reference set and a held-out set for the baseline."""
     if len(images) < 4:
@@ -163,7 +175,8 @@ class DigitsEvaluator:
         self.num_reference = len(reference)
         self.reference_images = reference
         self._distance = FeatureDistance(reference_features, kid_subsets, kid_subset_size, seed)
-        self._baseline: dict | None = None
+        self.seed = seed
+        self._baselines: dict[int, dict] = {}
 
     @torch.no_grad()
     def _features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +208,13 @@ class DigitsEvaluator:
             scores["class_accuracy"] = (predictions == class_labels).double().mean().item()
         return scores
 
-    def baseline(self) -> dict:
-        """The same metrics for held-out real images (computed once): what a perfect model would score."""
-        if self._baseline is None:
-            self._baseline = self.score(self._heldout, self._heldout_labels)
-        return dict(self._baseline)
+    def baseline(self, num_samples: int | None = None) -> dict:
+        """The same metrics for held-out real images: what a perfect model would score. With `num_samples`, on that
+        many held-out images (a seeded draw; all of them when there are fewer), so that the baseline carries the same
+        small-sample bias of FD as the samples it stands beside. Computed once per count."""
+        count = heldout_count(len(self._heldout), num_samples)
+        if count not in self._baselines:
+            order = held_out_draw(len(self._heldout), count, self.seed)
+            labels = None if self._heldout_labels is None else self._heldout_labels[order]
+            self._baselines[count] = self.score(self._heldout[order], labels)
+        return dict(self._baselines[count])

@@ -61,6 +61,8 @@ class Family:
     # licences of its usual base models, which weights trained from them inherit
     license: ClassVar[str] = "other"
     license_note: ClassVar[str] = ""
+    license_name: ClassVar[str | None] = None  # with license "other": the Hub's license_name and license_link
+    license_link: ClassVar[str | None] = None
 
     def trainable_text_encoder_names(self) -> tuple[str, ...]:
         return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders
@@ -294,6 +296,12 @@ class Family:
         """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler (the family's ControlNet
         pipeline when a ControlNet is given)."""
         raise NotImplementedError
+
+    def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
+        """The LoRA'd modules' adapters in kohya's key layout (`kohya_prefixes` + the module path with `_`)."""
+        from finetune.adapters import kohya_state_dict
+
+        return kohya_state_dict(modules, self.kohya_prefixes)
 
     def save_lora(
         self,

@@ -5,10 +5,12 @@ scale as an input. Timesteps are sigmas, shifted by the image's sequence length 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
+from finetune.config import ConfigError
 from finetune.families.base import Family
 
 
@@ -34,6 +36,107 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+# diffusers FluxTransformer2DModel module -> (the original BFL module kohya's sd-scripts names it after, position in
+# the fused projection, members of that projection): BFL fuses q, k, v (and a single block's MLP input) into one
+# Linear. The inverse of diffusers' `_convert_kohya_flux_lora_to_diffusers`.
+_FLUX_DOUBLE_BLOCK = {
+    "attn.to_q": ("img_attn_qkv", 0, 3),
+    "attn.to_k": ("img_attn_qkv", 1, 3),
+    "attn.to_v": ("img_attn_qkv", 2, 3),
+    "attn.add_q_proj": ("txt_attn_qkv", 0, 3),
+    "attn.add_k_proj": ("txt_attn_qkv", 1, 3),
+    "attn.add_v_proj": ("txt_attn_qkv", 2, 3),
+    "attn.to_out.0": ("img_attn_proj", 0, 1),
+    "attn.to_add_out": ("txt_attn_proj", 0, 1),
+    "ff.net.0.proj": ("img_mlp_0", 0, 1),
+    "ff.net.2": ("img_mlp_2", 0, 1),
+    "ff_context.net.0.proj": ("txt_mlp_0", 0, 1),
+    "ff_context.net.2": ("txt_mlp_2", 0, 1),
+    "norm1.linear": ("img_mod_lin", 0, 1),
+    "norm1_context.linear": ("txt_mod_lin", 0, 1),
+}
+_FLUX_SINGLE_BLOCK = {
+    "attn.to_q": ("linear1", 0, 4),
+    "attn.to_k": ("linear1", 1, 4),
+    "attn.to_v": ("linear1", 2, 4),
+    "proj_mlp": ("linear1", 3, 4),
+    "proj_out": ("linear2", 0, 1),
+    "norm.linear": ("modulation_lin", 0, 1),
+}
+_FLUX_TOP_LEVEL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+    "proj_out": "final_layer_linear",
+    "norm_out.linear": "final_layer_adaLN_modulation_1",
+}
+
+
+def flux_kohya_name(name: str) -> tuple[str, str, list[str]] | None:
+    """A diffusers Flux transformer module -> (its kohya module `lora_unet_...`, the diffusers modules fused into that
+    BFL module in order, with their block's path), or None where the module has no BFL counterpart."""
+    for pattern, table, bfl in (
+        (r"transformer_blocks\.(\d+)\.(.+)", _FLUX_DOUBLE_BLOCK, "double_blocks"),
+        (r"single_transformer_blocks\.(\d+)\.(.+)", _FLUX_SINGLE_BLOCK, "single_blocks"),
+    ):
+        match = re.fullmatch(pattern, name)
+        if match and match.group(2) in table:
+            module = table[match.group(2)][0]
+            block = name[: match.start(2)]
+            members = sorted((index, m) for m, (fused, index, _) in table.items() if fused == module)
+            return f"lora_unet_{bfl}_{match.group(1)}_{module}", [block + m for _, m in members]
+    if name in _FLUX_TOP_LEVEL:
+        return f"lora_unet_{_FLUX_TOP_LEVEL[name]}", [name]
+    return None
+
+
+def flux_kohya_state_dict(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], out_features: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """A Flux transformer LoRA (module -> (down, up, scale), as `adapters.lora_factors`) in kohya's sd-scripts layout.
+    The members of a fused BFL projection become one LoRA of rank members x r: the downs stacked, the ups on the
+    block diagonal (a member without LoRA: zeros, its width from `out_features`), which is the form diffusers'
+    kohya loader splits back exactly. Alphas keep the trained strength; the final layer, whose alpha that loader
+    ignores, gets its scale folded into the up weights (and the adaLN's shift/scale halves in BFL's order)."""
+    groups: dict[str, list[str]] = {}
+    for name in factors:
+        target = flux_kohya_name(name)
+        if target is None:
+            raise ValueError(f"{name} has no counterpart in kohya's Flux layout")
+        groups[target[0]] = target[1]
+    out: dict[str, torch.Tensor] = {}
+    for key, members in groups.items():
+        present = [factors[m] for m in members if m in factors]
+        rank, in_features = present[0][0].shape
+        scales = {scale for _, _, scale in present}
+        # one alpha per kohya module: keep alpha / r when the members share it, else fold each scale into its up
+        shared = scales.pop() if len(scales) == 1 and not key.startswith("lora_unet_final_layer") else None
+        downs, ups = [], []
+        for member in members:
+            down, up, scale = factors.get(member) or (
+                torch.zeros(rank, in_features),
+                torch.zeros(out_features[member], rank),
+                1.0,
+            )
+            if factors.get(member) and down.shape[0] != rank:
+                raise ValueError(f"kohya fuses {', '.join(members)} into one LoRA: they need one rank")
+            downs.append(down)
+            ups.append(up if shared is not None else up * scale)
+        up = torch.block_diag(*ups)
+        if key.endswith("final_layer_adaLN_modulation_1"):  # diffusers' AdaLayerNormContinuous: (scale, shift)
+            up = torch.cat(up.chunk(2, dim=0)[::-1], dim=0)
+        out[f"{key}.lora_down.weight"] = torch.cat(downs, dim=0).contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        # kohya scales by alpha / (members x r)
+        out[f"{key}.alpha"] = torch.tensor((shared if shared is not None else 1.0) * rank * len(members))
+    return out
+
+
 class Flux(Family):
     name = "flux"
     summary = "Flux.1 (CLIP-L pooled + T5, packed-latent transformer with guidance input, flow matching)"
@@ -50,10 +153,13 @@ class Flux(Family):
         "text_encoder": "CLIPTextModel",
         "text_encoder_2": "T5EncoderModel",
     }
-    kohya_prefixes = None  # no diffusers -> kohya converter for Flux: ComfyUI and Forge read the diffusers file
+    # kohya's sd-scripts layout (lora_flux.py): BFL's module names, fused projections, CLIP-L as te1
+    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
     embedding_keys = None
     textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "black-forest-labs/FLUX.1-dev"
+    license_name = "flux-1-dev-non-commercial-license"
+    license_link = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
     license_note = (
         "FLUX.1 [dev] is under the FLUX.1 [dev] Non-Commercial License (FLUX.1 [schnell] under Apache 2.0); weights "
         "trained from it inherit its terms."
@@ -62,6 +168,21 @@ class Flux(Family):
     training_scheduler = "FlowMatchEulerDiscreteScheduler"  # the folder's shift; no prediction_type to override
     latent_multiple = 16  # the 8x VAE, then 2x2 packing
     max_sequence_length = 512  # T5 tokens, as FluxPipeline's default
+
+    def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
+        """CLIP-L's LoRA under `lora_te1_` and the transformer's in BFL's fused layout (flux_kohya_state_dict)."""
+        from finetune.adapters import kohya_state_dict, lora_factors, with_adapters
+
+        adapted = with_adapters(modules)
+        transformer = adapted.pop(self.denoiser, None)
+        out = kohya_state_dict(adapted, self.kohya_prefixes)
+        if transformer is not None:
+            widths = {name: m.out_features for name, m in transformer.named_modules() if hasattr(m, "out_features")}
+            try:
+                out.update(flux_kohya_state_dict(lora_factors(transformer), widths))
+            except ValueError as err:
+                raise ConfigError(f"lora.export_kohya: {err}; export only modules kohya names, or remove it") from err
+        return out
 
     def denoiser_input_channels(self, latent_channels: int, inpainting: bool) -> int:
         return 4 * latent_channels  # 2x2 packed patches

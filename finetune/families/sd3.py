@@ -35,6 +35,8 @@ class StableDiffusion3(Family):
     embedding_keys = None
     textual_inversion = False  # no embedding layout its pipeline loads into T5, which carries most of the prompt
     default_model = "stabilityai/stable-diffusion-3.5-medium"
+    license_name = "stabilityai-ai-community"
+    license_link = "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md"
     license_note = (
         "Stable Diffusion 3.x weights are under the Stability AI Community License (SD 3.0 medium: the Stability "
         "Non-Commercial Research Community License); weights trained from them inherit its terms."

@@ -68,6 +68,21 @@ class Method:
         """Check the inputs (cheap checks first), load the models, build `self.train_dataset` (a TrainingExamples)."""
         raise NotImplementedError
 
+    def data_source(self):
+        """The training data, read and checked without loading any model (`difftune train --dry-run`): the source
+        that setup() wraps in TrainingExamples."""
+        build = getattr(self, "build_source", None)
+        if build is not None:
+            return build()
+        from finetune.data import build_image_source
+
+        return build_image_source(self.config.data)
+
+    def plan_lines(self) -> list[str]:
+        """What this method will do before training, for `--dry-run`, after data_source(): e.g. class images to
+        generate. One line each."""
+        return []
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Attribute name -> module holding the trained parameters; the loop wraps them with accelerator.prepare."""
         raise NotImplementedError
@@ -83,6 +98,11 @@ class Method:
         """The optimizer's parameter groups; a group may set its own `lr` (times `lr_scale`, optim.scale_lr's factor).
         One group at optim.lr by default."""
         return [{"params": self.trainable_parameters()}]
+
+    def compute_modules(self) -> list[torch.nn.Module]:
+        """The modules that do most of a step's work, where train.compile and train.channels_last apply (the
+        denoiser); by default the trained ones. Called after setup(), before accelerator.prepare."""
+        return list(self.trainable_modules().values())
 
     def before_training(self, ema: Any | None) -> None:
         """Work done once after the models are prepared, e.g. caching latents. Runs on every process. `ema` is the
@@ -112,6 +132,11 @@ class Method:
     def sample(self, num_images: int, seed: int) -> list:
         """A list of PIL images for sample grids and validation. Runs on the main process."""
         raise NotImplementedError
+
+    def sample_labels(self, num_images: int) -> list[str] | None:
+        """What image i of `sample` shows (its prompt, its class), written under its row of the sample grid; None:
+        the images have no labels (unconditional)."""
+        return None
 
     def evaluate(self, num_images: int, seed: int) -> dict[str, float] | None:
         """Metrics of generated images against real ones, or None where this method has no evaluator."""

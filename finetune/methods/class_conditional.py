@@ -94,6 +94,9 @@ class ClassConditionalDDPM(UnconditionalDDPM):
     def validation_inputs(self, num_images: int) -> dict[str, Any]:
         return {"class_labels": torch.arange(num_images) % self.options.num_classes}
 
+    def sample_labels(self, num_images: int) -> list[str]:
+        return [f"class {i % self.options.num_classes}" for i in range(num_images)]
+
     def guidance_inputs(self) -> dict[str, Any]:
         return {"guidance_scale": self.options.guidance_scale}
 

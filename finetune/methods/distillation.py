@@ -185,6 +185,11 @@ class ProgressiveDistillation(DDPMFinetune):
         options, diffusion_config, optim = config.method_options, config.diffusion, config.optim
         halvings = options.halvings
         steps = config.train.max_train_steps
+        if config.train.num_train_epochs is not None:
+            raise ConfigError(
+                "train.num_train_epochs: distillation counts optimizer steps per halving; set train.max_train_steps "
+                "(or distillation.iterations_per_halving) and remove train.num_train_epochs"
+            )
         if options.iterations_per_halving is None:
             if steps % halvings:
                 raise ConfigError(
@@ -455,9 +460,10 @@ class ProgressiveDistillation(DDPMFinetune):
         return {
             "base_model": self.config.model.pretrained_model_name_or_path,
             "tags": ["unconditional-image-generation", "progressive-distillation"],
+            "pipeline_tag": "unconditional-image-generation",
             "description": (
                 f"Progressive distillation (Salimans & Ho 2022) of a {self.options.initial_steps}-step DDIM sampler "
-                f"into a {steps}-step student, trained with [difftune](https://github.com/) method `distillation`. "
+                f"into a {steps}-step student, trained with difftune method `distillation`. "
                 f"Every halving is saved as its own pipeline folder: {stages}."
             ),
             "usage": f"""

@@ -270,6 +270,16 @@ class DreamBooth(TextToImageMethod):
             self.existing_class_images = self.readable(class_image_files(self.class_dir))
         return instance
 
+    def plan_lines(self) -> list[str]:
+        if not self.options.with_prior_preservation:
+            return []
+        found, wanted = len(self.existing_class_images), self.options.num_class_images
+        todo = f"the base model draws the other {wanted - found} at start" if found < wanted else "none to draw"
+        return [
+            f"prior preservation: {wanted} class images of {self.options.class_prompt!r} in {self.class_dir}: "
+            f"{found} there, {todo} (they add to each epoch's examples)"
+        ]
+
     def check_captions(self, instance: ImageRecords) -> None:
         column, trigger, section = self.config.data.caption_column, self.options.trigger, self.config.method
         missing, untriggered = [], []
@@ -488,7 +498,7 @@ class DreamBooth(TextToImageMethod):
 
     def card(self) -> dict[str, Any]:
         base = self.config.model.pretrained_model_name_or_path
-        prompt = self.validation_prompts()[0]
+        prompt = self.card_prompt()  # the instance prompt (or a caption): what the subject was trained under
         if self.options.use_lora:
             facts = lora_card(self, self.options.trigger)
             load = (
@@ -497,6 +507,7 @@ class DreamBooth(TextToImageMethod):
             )
         else:
             facts = {**self.license_facts(), "base_model": base, "tags": self.card_tags()}
+            facts["pipeline_tag"] = self.pipeline_tag()
             load = f"{self.usage_loading('OUTPUT_DIR_OR_REPO_ID')}  # the complete fine-tuned pipeline"
         prior = (
             f" with prior preservation ({len(self.train_dataset.source.classes)} class images of "
@@ -509,6 +520,7 @@ class DreamBooth(TextToImageMethod):
             **facts,
             "tags": ["dreambooth", *facts["tags"]],
             "trigger": self.options.trigger,
+            "prompt": prompt,
             "dataset": str(self.options.instance_data_dir),
             "description": (
                 f"DreamBooth ({kind}{' and text encoder' if self.options.train_text_encoder else ''}) of "

@@ -484,6 +484,8 @@ class LatentDiffusion(TextToImageMethod):
             tags = ["text-to-image", "latent-diffusion", "stable-diffusion"]
         return {
             "tags": tags,
+            "pipeline_tag": "text-to-image",
+            "prompt": self.validation_prompts()[0],
             "description": (
                 f"A latent diffusion model trained from scratch on `{self.config.data.dataset}` at {resolution} px: "
                 f"{model}.{held_out}"

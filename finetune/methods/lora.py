@@ -25,12 +25,14 @@ class LoraTrainingOptions(LoraOptions, TextToImageOptions):
 
 def lora_card(method, trigger: str | None = None) -> dict[str, Any]:
     base = method.config.model.pretrained_model_name_or_path
-    prompt = trigger or method.validation_prompts()[0]
+    prompt = method.card_prompt()
     return {
         **method.license_facts(),
         "base_model": base,
         "tags": ["lora", *method.card_tags()],
+        "pipeline_tag": method.pipeline_tag(),
         "trigger": trigger,
+        "prompt": prompt,
         "usage": f"""
 {method.usage_loading(base)}
 pipe.load_lora_weights("OUTPUT_DIR_OR_REPO_ID")  # pytorch_lora_weights.safetensors

@@ -316,7 +316,9 @@ class TextualInversion(TextToImageMethod):
             **self.license_facts(),
             "base_model": base,
             "tags": ["textual-inversion", *self.card_tags()],
+            "pipeline_tag": self.pipeline_tag(),
             "trigger": token,
+            "prompt": prompt,
             "description": (
                 f"Textual Inversion embedding for `{token}` ({self.options.num_vectors} vector(s), initialised from "
                 f"`{self.options.initializer_token}`, learnable property: {self.options.learnable_property}), "

@@ -220,6 +220,7 @@ class UnconditionalDDPM(DenoisingMethod):
         steps = self.config.diffusion.num_inference_steps
         return {
             "tags": ["unconditional-image-generation"],
+            "pipeline_tag": "unconditional-image-generation",
             "usage": f"""
 from diffusers import DDPMPipeline
 

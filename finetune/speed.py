@@ -1,0 +1,84 @@
+"""The speed levers of the loop, behind options: mixed precision the device really runs, regional torch.compile,
+channels-last memory, the optimizer's kernels, the data loader's workers. Each is a small function the loop calls;
+none knows which method or family it runs (a method names the modules that do a step's work, `compute_modules`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from finetune.config import Config, ConfigError, DataConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def check_mixed_precision(mixed_precision: str, device: torch.device, config: Config) -> None:
+    """fp16 autocast does not exist on a CPU (accelerate turns it off there), so frozen fp16 weights would meet fp32
+    activations at the first matmul: refuse it in one line, before anything loads."""
+    if mixed_precision != "fp16" or device.type != "cpu":
+        return
+    where = (
+        "train.mixed_precision=fp16"
+        if config.train.mixed_precision == "fp16"
+        else "mixed precision fp16 (accelerate's --mixed_precision flag or config file)"
+    )
+    raise ConfigError(
+        f"{where} needs a GPU: this job runs on a CPU, which has no fp16 autocast. On a CPU set "
+        "train.mixed_precision=bf16 (bf16 autocast, frozen weights in bf16) or train.mixed_precision=no (fp32)"
+    )
+
+
+def adamw_options(implementation: str, device: torch.device) -> dict[str, Any]:
+    """torch AdamW's kernel choice as keyword arguments: fused on a CUDA GPU under 'auto' (one kernel for every
+    parameter instead of a Python loop over them), torch's own choice elsewhere."""
+    if implementation == "fused" or (implementation == "auto" and device.type == "cuda"):
+        return {"fused": True}
+    if implementation == "foreach":
+        return {"foreach": True}
+    if implementation == "for_loop":
+        return {"foreach": False}
+    return {}
+
+
+def pin_memory(data: DataConfig) -> bool:
+    """data.pin_memory, resolved: page-locked batches only where there is a CUDA GPU to copy them to."""
+    return (data.pin_memory if data.pin_memory is not None else True) and torch.cuda.is_available()
+
+
+def dataloader_options(data: DataConfig) -> dict[str, Any]:
+    """DataLoader keyword arguments of the worker options: workers, pinned memory, persistent workers, prefetch."""
+    options: dict[str, Any] = {"num_workers": data.num_workers, "pin_memory": pin_memory(data)}
+    if data.num_workers:
+        options["persistent_workers"] = data.persistent_workers
+        if data.prefetch_factor is not None:
+            options["prefetch_factor"] = data.prefetch_factor
+    return options
+
+
+def regional_compile(module: torch.nn.Module, backend: str, mode: str | None) -> str:
+    """torch.compile each repeated block of `module` in place (diffusers' compile_repeated_blocks: a block class is
+    compiled once and its graph reused by every instance), or the whole module where it declares no repeated blocks.
+    Returns what was compiled, for the log."""
+    kwargs = {"backend": backend, **({"mode": mode} if mode else {})}
+    blocks = getattr(module, "_repeated_blocks", None)
+    if blocks and hasattr(module, "compile_repeated_blocks"):
+        names = set(blocks)
+        count = sum(type(m).__name__ in names for m in module.modules())
+        if count:
+            module.compile_repeated_blocks(**kwargs)
+            return f"{type(module).__name__}: {count} repeated blocks ({', '.join(sorted(names))})"
+    module.compile(**kwargs)
+    return f"{type(module).__name__}: whole"
+
+
+def apply_levers(train: TrainConfig, modules: list[torch.nn.Module]) -> None:
+    """train.channels_last and train.compile on the modules that do a step's work (before accelerator.prepare)."""
+    for module in modules:
+        if train.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if train.compile:
+            what = regional_compile(module, train.compile_backend, train.compile_mode)
+            logger.info("train.compile: %s, backend %s", what, train.compile_backend)
