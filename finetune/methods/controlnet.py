@@ -157,6 +157,10 @@ class ControlNetTraining(TextToImageMethod):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"controlnet": self.controlnet}
 
+    def compute_modules(self) -> list[torch.nn.Module]:
+        """The UNet and the ControlNet: both run every step (train.channels_last, train.compile)."""
+        return [self.denoiser, self.controlnet]
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         conditioning = {**self.text_conditioning(batch), **self.denoiser_inputs}
         control = batch["conditioning_pixel_values"].to(self.device)
