@@ -42,8 +42,8 @@ miniature: $(STAMP)
 	$(ACCELERATE) -m finetune finetune/recipes/digits_text_to_image.yaml
 	$(ACCELERATE) -m finetune finetune/recipes/digits_flow_text_to_image.yaml
 
-# what LoRA, DreamBooth (+prior, LoRA) and Textual Inversion teach each miniature model, side by side: results.md
-# and PNG grids
+# what LoRA, DreamBooth (+prior, LoRA) and Textual Inversion teach each miniature model, side by side, and how well
+# a ControlNet on the UNet miniature follows edge maps of digits: results.md and PNG grids
 bench-digits: $(STAMP)
 	test -f outputs/digits-autoencoder/config.json || \
 		$(ACCELERATE) -m finetune finetune/recipes/digits_autoencoder.yaml

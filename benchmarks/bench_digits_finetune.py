@@ -13,12 +13,20 @@ A style (thick strokes) is taught with LoRA too, measured by a second small clas
 images drawn with and without the style's trigger. Every method runs on both base models with the same recipe,
 except Textual Inversion, which StableDiffusion3Pipeline cannot load (no `load_textual_inversion`).
 
+A ControlNet (finetune/recipes/digits_controlnet.yaml, the UNet miniature only) learns to draw the digit whose edge map
+(Canny-like, `python -m captioning.conditioning`'s annotator) it is given, from the seen digits' train split, every
+caption the generic "a handwritten digit"; measured: the fraction of images the classifier reads as the control's
+digit, with and without the ControlNet, on edge maps of the held-out test split (seen digits) and of the nines the
+base model never saw.
+
     python -m benchmarks.bench_digits_finetune            # trains the miniature models first when they are missing
     python -m benchmarks.bench_digits_finetune --models flow   # one base model only
+    python -m benchmarks.bench_digits_finetune --models unet --methods ControlNet   # the ControlNet alone
     make bench-digits                                     # the same as the first
 
 Writes <work>/results.md (the tables, one column pair per base model), <work>/results.json, and
-<work>/grid_<method>.png (UNet) / <work>/grid_flow_<method>.png (rows: the new token, then digits 0-8).
+<work>/grid_<method>.png (UNet) / <work>/grid_flow_<method>.png (rows: the new token, then digits 0-8), and
+<work>/grid_controlnet.png (pairs: control | drawn; seen digits, then nines).
 """
 
 from __future__ import annotations
@@ -79,6 +87,9 @@ TEACHINGS = [
     Teaching("Textual Inversion", "digits_teach_textual_inversion.yaml", "data.dataset", "embeddings", PLACEHOLDER),
 ]
 STYLE = Teaching("style LoRA (thick strokes)", "digits_style_lora.yaml", "data.dataset", "lora", STYLE_TRIGGER)
+CONTROLNET = "ControlNet"  # its --methods label
+CONTROLNET_RECIPE = "digits_controlnet.yaml"
+CONTROL_CAPTION = "a handwritten digit"  # every image's caption: only the control tells the digit
 
 
 @dataclass
@@ -147,6 +158,99 @@ def prepare_data(work: Path, num_instance: int, resolution: int, seed: int) -> d
     style_captions += [digit_prompt(d) for d in seen_labels[half : 2 * half]]
     style = write_image_folder(work / "style", style_images, style_captions)
     return {"instance": instance, "style": style}
+
+
+def digit_edges(images: torch.Tensor) -> list[Image.Image]:
+    """The ControlNet's controls: edge maps (RGB) of digits [N, C, H, W] in [-1, 1], by the dataset builder's
+    annotator (Canny-like, no smoothing: the 16 px digits are soft already)."""
+    from captioning.conditioning import annotate
+
+    return [annotate(image, "canny", sigma=0.0) for image in to_pil(images)]
+
+
+def prepare_controlnet_data(work: Path, resolution: int) -> Path:
+    """The seen digits of the train split, captioned "a handwritten digit", with their edge maps: written the way a
+    user makes a ControlNet dataset (python -m captioning.conditioning DIR --sigma 0)."""
+    from captioning.conditioning import build_conditioning_dataset
+
+    images, labels = load_digits_tensors(resolution, "train")
+    seen = images[labels != HELD_OUT]
+    folder = write_image_folder(work / "controlnet-data", seen, [CONTROL_CAPTION] * len(seen))
+    build_conditioning_dataset(folder, "canny", sigma=0.0)
+    return folder
+
+
+def held_out_controls(resolution: int, per_digit: int | None) -> dict[str, tuple[list[Image.Image], torch.Tensor]]:
+    """Edge maps of the test split, the seen digits and the nines apart (the first `per_digit` of each digit)."""
+    images, labels = load_digits_tensors(resolution, "test")
+    picked = {}
+    for name, digits in (("seen", [d for d in range(10) if d != HELD_OUT]), ("unseen", [HELD_OUT])):
+        index = torch.cat([torch.nonzero(labels == d).flatten()[:per_digit] for d in digits])
+        picked[name] = (digit_edges(images[index]), labels[index])
+    return picked
+
+
+def controlled_images(pipe, controls: list[Image.Image], sampling: Sampling, batch_size: int = 64) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] for "a handwritten digit", image i from seed + i, following control i when the
+    pipeline has a ControlNet (the same noise with and without it)."""
+    images = []
+    for start in range(0, len(controls), batch_size):
+        chunk = controls[start : start + batch_size]
+        generators = [torch.Generator(pipe.device).manual_seed(sampling.seed + start + i) for i in range(len(chunk))]
+        control = {"image": chunk} if getattr(pipe, "controlnet", None) is not None else {}
+        output = pipe(
+            [CONTROL_CAPTION] * len(chunk),
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            generator=generators,
+            height=sampling.resolution,
+            width=sampling.resolution,
+            output_type="pt",
+            **control,
+        ).images
+        images.append(output.float().cpu() * 2 - 1)
+    return torch.cat(images)
+
+
+def benchmark_controlnet(
+    base: Path, work: Path, sampling: Sampling, classifier, args: argparse.Namespace
+) -> list[dict]:
+    """Train the miniature ControlNet and measure how often the drawn digit is the control's, with and without it."""
+    from finetune.outputs import save_grid
+    from pipelines.load import load_pipeline
+
+    data = prepare_controlnet_data(work, sampling.resolution)
+    output = work / CONTROLNET_RECIPE.removesuffix(".yaml")
+    overrides = [
+        f"model.pretrained_model_name_or_path={base}",
+        f"data.dataset={data}",
+        f"train.output_dir={output}",
+        *args.teach_overrides,
+    ]
+    seconds = run_recipe(RECIPES / CONTROLNET_RECIPE, overrides, args.in_process)
+    controls = held_out_controls(sampling.resolution, args.controls_per_digit)
+    without = load(base, None, None)
+    with_controlnet = load_pipeline(base, controlnet=str(output), device="cpu", dtype="float32")
+    row = {
+        "model": "unet",
+        "method": CONTROLNET,
+        "steps": _steps_from_log(output),
+        "train_s": seconds,
+        "size_kb": sum(p.stat().st_size for p in (output / "controlnet").glob("*.safetensors")) / 1024,
+    }
+    pairs = []
+    for name, (edges, labels) in controls.items():
+        for pipe, key in ((with_controlnet, f"follows_{name}"), (without, f"follows_{name}_without")):
+            images = controlled_images(pipe, edges, sampling)
+            with torch.no_grad():
+                row[key] = (classifier.predict(images) == labels).float().mean().item()
+            if pipe is with_controlnet:  # the first two of each digit: control | drawn
+                for digit in labels.unique().tolist():
+                    for i in torch.nonzero(labels == digit).flatten()[:2].tolist():
+                        pairs += [edges[i].convert("L"), to_pil(images[i : i + 1])[0]]
+    save_grid(pairs, work / "grid_controlnet.png", columns=8)
+    logger.info("%s", row)
+    return [row]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -349,13 +453,16 @@ def run_benchmark(args: argparse.Namespace) -> str:
             setup_times.update(
                 build_miniature(BASE_MODELS[key], bases[key], Path(args.vae), args.base_overrides, args.in_process)
             )
-    data = prepare_data(work, args.num_instance, args.resolution, args.seed)
+    teach = args.methods is None or any(m != CONTROLNET for m in args.methods)  # (--methods ControlNet: only it)
+    data = prepare_data(work, args.num_instance, args.resolution, args.seed) if teach else {}
     sampling = Sampling(args.per_prompt, args.steps, args.guidance_scale, args.resolution, args.seed)
     classifier = load_digits_classifier()
-    style_classifier, style_accuracy = train_style_classifier(args.seed)
+    style_classifier, style_accuracy = train_style_classifier(args.seed) if teach else (None, None)
     rows = []
-    for key in args.models:
+    for key in args.models if teach else []:
         rows += benchmark_model(BASE_MODELS[key], bases[key], work, data, sampling, classifier, style_classifier, args)
+    if "unet" in args.models and (args.methods is None or CONTROLNET in args.methods):
+        rows += benchmark_controlnet(bases["unet"], work, sampling, classifier, args)
 
     report = markdown(rows, setup_times, style_accuracy, args)
     (work / "results.md").write_text(report)
@@ -499,6 +606,23 @@ def markdown(rows: list[dict], setup_times: dict, style_accuracy: float, args: a
             f"{cell(per_model, lambda r: pct(r['thick_without_trigger']))} | "
             f"{cell(per_model, lambda r: pct(r['prior_accuracy']))} |"
         )
+    controlnet = [r for r in rows if r["method"] == CONTROLNET]
+    if len(controlnet) == len(rows):  # the ControlNet alone: no teaching tables
+        lines = []
+    for row in controlnet:
+        lines += [
+            "",
+            f"ControlNet on the UNet miniature: the control is the edge map of a held-out test-split digit, prompt "
+            f'"{CONTROL_CAPTION}" for every image; the fraction the digits classifier reads as the control\'s digit '
+            "(chance ~10%).",
+            "",
+            "| controls | with the ControlNet | without (base model, same seeds) |",
+            "|---|---|---|",
+            f"| seen digits (0-8) | {pct(row['follows_seen'])} | {pct(row['follows_seen_without'])} |",
+            f"| unseen digit ({HELD_OUT}) | {pct(row['follows_unseen'])} | {pct(row['follows_unseen_without'])} |",
+            "",
+            f"{row['steps']} steps, {seconds(row['train_s'])} s of training, {kib(row['size_kb'])} KiB saved.",
+        ]
     if setup_times:
         lines += ["", "Trained first (s): " + ", ".join(f"{k} {v:.0f}" for k, v in setup_times.items())]
     return "\n".join(lines) + "\n"
@@ -533,7 +657,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid-columns", type=int, default=8)
-    parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method labels")
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help=f"a subset of the method labels (and/or {CONTROLNET})"
+    )
+    parser.add_argument(
+        "--controls-per-digit", type=int, default=None, help="ControlNet: test-split controls per digit (default: all)"
+    )
     parser.add_argument("--teach-overrides", nargs="*", default=[], help="overrides for every teaching run")
     parser.add_argument("--base-overrides", nargs="*", default=[], help="overrides when training a missing base model")
     parser.add_argument("--in-process", action="store_true", help="train in this process (tests)")

@@ -147,6 +147,12 @@ class DataConfig:
     unmasked_weight: float = option(
         0.0, "Loss weight of the area outside the mask (data.masked_loss): 0 ignores it, 1 turns masking off."
     )
+    conditioning_image_column: str = option(
+        "conditioning_image",
+        "Column holding each image's conditioning image (method controlnet): in a folder's metadata, a path relative "
+        "to the folder (e.g. conditioning/0001.png); the files it names, and the subfolders holding them, are not "
+        "read as training images.",
+    )
 
     def __post_init__(self):
         if not 0 <= self.unmasked_weight <= 1:

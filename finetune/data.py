@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from finetune.buckets import Bucket, BucketPlan, bucket_name, cover_geometry
+from finetune.conditioning import ConditioningImages, listed_conditioning_files
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
 from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
@@ -514,6 +515,10 @@ def scan_folder(folder: Path, config: DataConfig, columns: Sequence[str] = ()) -
     if config.masked_loss:  # the loss masks the metadata names are not training images either
         masks = {v.get(config.loss_mask_column) for v in values.values()}
         images = [i for i in images if i not in masks]
+    if config.conditioning_image_column in columns:  # conditioning images, and the subfolders holding them, too
+        kept = _without_conditioning_files(images, [v.get(config.conditioning_image_column) for v in values.values()])
+        report.total -= len(images) - len(kept)
+        images = kept
     paths = sorted((set(images) | set(values)) - excluded)
     unlisted = [p for p in paths if p not in values] if listed else []
     if config.label_column in checks and unlisted:
@@ -529,6 +534,19 @@ def scan_folder(folder: Path, config: DataConfig, columns: Sequence[str] = ()) -
         table[key] = [values[p].get(key, blank) if p in values else blank for p in paths]
     report.unlisted_rows = {i for i, p in enumerate(paths) if listed and p not in values}
     return Records(table, report)
+
+
+def _without_conditioning_files(images: list[str], listed: list[Any]) -> list[str]:
+    """The training images of a folder without the conditioning images its metadata names, nor any other image in a
+    subfolder holding them (a conditioning/ folder is not training data, listed or not)."""
+    named = {os.path.normpath(name).replace(os.sep, "/") for name in listed_conditioning_files(listed)}
+    folders = {Path(name).parent for name in named} - {Path(".")}
+
+    def is_training_image(image: str) -> bool:
+        parent = Path(image).parent
+        return image not in named and not any(folder == parent or folder in parent.parents for folder in folders)
+
+    return [image for image in images if is_training_image(image)]
 
 
 def _read_metadata(
@@ -641,10 +659,9 @@ def load_records(config: DataConfig, dataset: str | None = None, columns: Sequen
         raise ConfigError(
             f"data.dataset: cannot load the dataset {name!r} (split {config.split!r}): {type(err).__name__}: {first}"
         ) from err
-    if config.image_column in records.column_names and isinstance(
-        records.features.get(config.image_column), datasets.Image
-    ):
-        records = records.cast_column(config.image_column, datasets.Image(decode=False))
+    for column in {config.image_column, *columns}:  # images (and conditioning images) decoded by us, when used
+        if column in records.column_names and isinstance(records.features.get(column), datasets.Image):
+            records = records.cast_column(column, datasets.Image(decode=False))
     return records
 
 
@@ -701,6 +718,9 @@ class ImageRecords(torch.utils.data.Dataset):
         mask_column = config.loss_mask_column
         if config.masked_loss and mask_column not in self.columns and mask_column in records.column_names:
             self.column_values[mask_column] = records[mask_column]  # (read by LossMasks, not put in examples)
+        # a conditioning image (method controlnet) comes cut with its image, not as the column's value
+        conditioning = config.conditioning_image_column
+        self.conditioning_column = conditioning if conditioning in self.columns else None
         excluded = report.excluded_rows if report is not None else set()
         self.indices = [i for i in range(len(records)) if i not in excluded]
         self.skipped: list[tuple[int, str, str]] = []
@@ -918,10 +938,20 @@ class ImageRecords(torch.utils.data.Dataset):
             self._loss_masks = LossMasks.find(self, self.config)
         return self._loss_masks
 
+    @property
+    def conditioning(self) -> ConditioningImages | None:
+        """Each row's conditioning image (data.conditioning_image_column, controlnet), found and checked once."""
+        if self.conditioning_column is None:
+            return None
+        if getattr(self, "_conditioning", None) is None:
+            self._conditioning = ConditioningImages.find(self, self.config)
+        return self._conditioning
+
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         row = self.indices[index]
         bucket = self.row_buckets[row] if self.row_buckets is not None else None  # (w, h) with buckets, else None
         mask_rng = copy.deepcopy(rng) if self.config.masked_loss else None  # the mask is cut with the same draws
+        control_rng = copy.deepcopy(rng) if self.conditioning_column else None  # so is the conditioning image
         if self.decode_pixels:
             row, image = self.open_row(index)
             sizes: dict[str, torch.Tensor] = {}
@@ -958,6 +988,9 @@ class ImageRecords(torch.utils.data.Dataset):
         example.update({c: self.column_values[c][row] for c in self.columns})
         if mask_rng is not None:
             example["loss_mask"] = self.loss_masks.cut(row, mask_rng, bucket)
+        if control_rng is not None:
+            example.pop(self.conditioning_column)
+            example["conditioning_pixel_values"] = self.conditioning.cut(row, control_rng, bucket)
         return example
 
 
@@ -1085,7 +1118,7 @@ def build_image_source(
 
 
 def _column_option(config: DataConfig, column: str) -> str:
-    for option_name in ("caption_column", "label_column", "image_column"):
+    for option_name in ("caption_column", "label_column", "image_column", "conditioning_image_column"):
         if getattr(config, option_name) == column:
             return option_name
     return "columns"

@@ -700,9 +700,11 @@ class TextToImageMethod(Method):
     def validation_prompts(self) -> list[str]:
         return self.options.validation_prompts or [self.default_prompt()]
 
-    def validation_inputs(self, num_images: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Pipeline arguments of sample grids besides prompts, steps and seed (an inpainting pipeline needs an image
-        and a mask, cut to the grid's size (w, h))."""
+    def validation_inputs(
+        self, num_images: int, size: tuple[int, int] | None = None, indices: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Pipeline arguments of sample grids besides prompts, steps and seed, for the images `indices` of the grid
+        (an inpainting pipeline needs an image and a mask, cut to the grid's size (w, h))."""
         if not self.inpainting:
             return {}
         pairs = self.__dict__.setdefault("_validation_pairs", {})
@@ -747,7 +749,7 @@ class TextToImageMethod(Method):
                         generator=generator,
                         height=height,
                         width=width,
-                        **self.validation_inputs(len(picked), (width, height)),
+                        **self.validation_inputs(len(picked), (width, height), picked),
                     ).images
                 for i, image in zip(picked, made):
                     images[i] = image

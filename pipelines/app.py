@@ -93,14 +93,17 @@ def build_app(
     device: str | None = None,
     dtype: str = "auto",
     holder: ModelHolder | None = None,
+    controlnet: str | None = None,
+    control_image: str | None = None,
 ) -> gr.Blocks:
-    """The app as a gr.Blocks (not launched). The model is loaded now; if that fails the page shows why and lets the
-    user load another."""
+    """The app as a gr.Blocks (not launched). The model is loaded now (with a ControlNet and the control image every
+    generation follows, when given); if that fails the page shows why and lets the user load another."""
     gr = import_gradio()
     holder = holder or ModelHolder()
     load_kwargs = {"device": device, "dtype": dtype}
     if model and holder.model is None and holder.error is None:
-        holder.load(model, list(lora), list(embeddings), **load_kwargs)
+        control = {"controlnet": controlnet, "control_image": control_image} if controlnet or control_image else {}
+        holder.load(model, list(lora), list(embeddings), **control, **load_kwargs)
     with gr.Blocks(title="difftune", analytics_enabled=False) as app:
         page = build_page(gr, holder, model, lora, embeddings)
         wire_events(page, Callbacks(gr, holder, load_kwargs))
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA folder or file (repeat)"
     )
     parser.add_argument("--embeddings", action="append", default=[], help="Textual Inversion folder or file (repeat)")
+    parser.add_argument("--controlnet", default=None, help="a trained ControlNet folder (with --control-image)")
+    parser.add_argument("--control-image", default=None, help="the control image generations follow (--controlnet)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 7860 or the next free)")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA), float32, float16, bfloat16")
@@ -174,7 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    app = build_app(args.model, args.lora, args.embeddings, device=args.device, dtype=args.dtype)
+    app = build_app(
+        args.model,
+        args.lora,
+        args.embeddings,
+        device=args.device,
+        dtype=args.dtype,
+        controlnet=args.controlnet,
+        control_image=args.control_image,
+    )
     try:
         launch(app, args.port)
     except OSError as err:  # the port is taken

@@ -144,6 +144,7 @@ class Callbacks:
                     class_label=int(class_ or 0),
                     guidance=float(guidance_) if m.guided else None,
                     model_id=m.model_id,
+                    control_image=m.control_image,
                     on_step=lambda done, total: self._step_done(progress, done, total),
                 )
         except Stopped as stopped:

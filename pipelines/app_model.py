@@ -24,6 +24,7 @@ from pipelines.generate import parse_lora  # 'PATH' or 'PATH:SCALE', as the gene
 from pipelines.steps import (
     fresh_scheduler,
     guidance_is_an_input,
+    load_image,
     model_image_size,
     pipeline_kind,
     uses_negative_prompt,
@@ -97,6 +98,8 @@ class ServedModel:
     negative_prompt: bool = False  # whether a negative prompt is used (text; not by Flux)
     base_scheduler: Any = None
     scheduler_choices: list[str] = field(default_factory=list)
+    controlnet: str | None = None  # a trained ControlNet, and the control image every generation follows
+    control_image: Any = None
 
     @property
     def pixel_size(self) -> tuple[int, int, int]:
@@ -124,6 +127,11 @@ class ServedModel:
             parts.append("LoRA " + ", ".join(f"`{path}` x{scale:g}" for path, scale in self.loras))
         if self.tokens:
             parts.append("embedding tokens " + ", ".join(f"`{token}`" for token in self.tokens))
+        if self.controlnet:
+            parts.append(
+                f"ControlNet `{self.controlnet}` following a {self.control_image.width}x"
+                f"{self.control_image.height} control image"
+            )
         return "; ".join(parts)
 
 
@@ -201,18 +209,28 @@ def load_served_model(
     device: str | None = None,
     dtype: str = "auto",
     model_id: int = 0,
+    controlnet: str | None = None,
+    control_image: str | None = None,
 ) -> ServedModel:
     """Load a pipeline folder (or Hub id) with LoRAs ('PATH' or 'PATH:SCALE') and embeddings via
-    `pipelines.load.load_pipeline`; ValueError / OSError with a message for the page when it cannot be served."""
+    `pipelines.load.load_pipeline`, optionally with a ControlNet and the control image it follows; ValueError /
+    OSError with a message for the page when it cannot be served."""
     from pipelines.load import load_pipeline
 
     model = str(model).strip()
     loras = _check_paths(model, lora, embeddings)
+    control = None
+    if bool(controlnet) != bool(control_image):
+        raise ValueError("a ControlNet needs a control image, and a control image a ControlNet: give both")
+    if controlnet:
+        _check_local(controlnet, "ControlNet")
+        control = load_image(control_image).convert("RGB")
     pipe = load_pipeline(
         model,
         lora=[path for path, _ in loras] or None,
         lora_scale=[scale for _, scale in loras] or 1.0,
         embeddings=list(embeddings) or None,
+        controlnet=controlnet or None,
         device=device,
         dtype=dtype,
     )
@@ -225,6 +243,8 @@ def load_served_model(
         embeddings=list(embeddings),
         tokens=embedding_tokens(pipe) if embeddings else [],
         base_scheduler=pipe.scheduler,
+        controlnet=controlnet or None,
+        control_image=control,
     )
     _set_defaults(served)
     return served

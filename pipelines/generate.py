@@ -6,6 +6,8 @@
     python -m pipelines.generate outputs/sd3-base --lora outputs/sd3-lora:0.8 --prompt "a toy" --guidance 5 --out o/
     python -m pipelines.generate black-forest-labs/FLUX.1-dev --lora outputs/flux-lora --prompt "a toy" --out o/
     python -m pipelines.generate INPAINTING_MODEL --prompt "a red door" --image house.png --mask door-mask.png --out o/
+    python -m pipelines.generate stable-diffusion-v1-5/stable-diffusion-v1-5 --controlnet outputs/sd-controlnet \
+        --control-image circle.png --controlnet-scale 1.0 --prompt "red circle with blue background" --out o/
     python -m pipelines.generate outputs/digits-class-conditional --class-labels 3 7 --num-images 8 --out digits/
     python -m pipelines.generate outputs/digits-unconditional --num-images 16 --out digits/
     python -m pipelines.generate outputs/digits-text-to-image --prompt "a handwritten digit three" \
@@ -90,14 +92,29 @@ def generate(
     mask: str | Path | Image.Image | None = None,
     strength: float | None = None,
     batch_size: int = 4,
+    control_image: str | Path | Image.Image | None = None,
+    controlnet_scale: float = 1.0,
 ) -> list[tuple[Image.Image, dict[str, Any]]]:
     """(image, its settings) for every image asked for. With `image` and no `mask`: image-to-image (SDEdit, Meng et
     al. 2022), the image noised to `strength` (default 0.8) and denoised: through the family's image-to-image
     pipeline for a text-to-image model (diffusers' AutoPipelineForImage2Image.from_pipe, the same modules), through
-    the scheduler loop of `pipelines.steps.reconstruct` for a pixel model."""
+    the scheduler loop of `pipelines.steps.reconstruct` for a pixel model. A pipeline with a
+    ControlNet (load_pipeline(..., controlnet=...)) draws text-to-image following `control_image` at
+    `controlnet_scale`."""
     if num_images < 1 or batch_size < 1 or steps < 1:
         raise ValueError("--num-images, --batch-size and --steps must be >= 1")
-    kind = pipeline_kind(pipe)
+    controlled = getattr(pipe, "controlnet", None) is not None
+    kind = "text" if controlled else pipeline_kind(pipe)
+    if controlled:
+        if control_image is None:
+            raise ValueError(f"{type(pipe).__name__} runs a ControlNet: give --control-image")
+        control_image = control_image if isinstance(control_image, Image.Image) else load_image(control_image, "RGB")
+        width = width or control_image.width // 8 * 8
+        height = height or control_image.height // 8 * 8
+        if image is not None or mask is not None:
+            raise ValueError("--image/--mask do not combine with a ControlNet here; its input is --control-image")
+    elif control_image is not None:
+        raise ValueError("--control-image needs a ControlNet (--controlnet DIR)")
     if kind == "image-to-image":
         raise ValueError(f"{type(pipe).__name__} is an image-to-image pipeline, which this command does not run")
     jobs = plan_jobs(kind, list(prompts), list(class_labels), num_images, seed)
@@ -171,6 +188,8 @@ def generate(
                 kwargs.update(image=image, mask_image=mask, strength=strength)
             elif image_to_image:
                 kwargs.update(image=image, strength=strength)
+            if controlled:
+                kwargs.update(image=control_image, controlnet_conditioning_scale=controlnet_scale)
         elif kind == "class":
             kwargs["class_labels"] = [job["class_label"] for job in batch]
         else:
@@ -184,6 +203,8 @@ def generate(
                 settings["strength"] = strength
             if image_to_image:
                 settings["image_to_image"] = True
+            if controlled:
+                settings["controlnet_scale"] = controlnet_scale
             results.append((picture, settings))
     return results
 
@@ -276,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embeddings", action="append", default=[], help="Textual Inversion folder or file (repeat)")
     parser.add_argument("--unet", default=None, help="a trained UNet folder (or a pipeline folder with unet/)")
     parser.add_argument(
+        "--controlnet", default=None, help="a trained ControlNet folder (or an output with controlnet/)"
+    )
+    parser.add_argument(
+        "--control-image", default=None, help="the ControlNet's conditioning image (with --controlnet)"
+    )
+    parser.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet's residuals (default: 1.0)"
+    )
+    parser.add_argument(
         "--image",
         default=None,
         help="an input image: image-to-image (SDEdit) for text-to-image and pixel models, the image to inpaint for "
@@ -322,11 +352,21 @@ def check_inputs(args: argparse.Namespace) -> None:
     safetensors_only = "this command loads safetensors weights only"
     check_model_path(args.base, "base model", "pipeline", safetensors_only)
     check_model_path(args.unet, "--unet", "any", safetensors_only)
+    if (
+        args.controlnet is not None
+        and not Path(args.controlnet).expanduser().exists()
+        and looks_local(args.controlnet)
+    ):
+        raise InputError(f"--controlnet: {args.controlnet!r} does not exist; give a ControlNet folder or a Hub id")
+    if args.controlnet is not None and args.control_image is None:
+        raise InputError("--controlnet needs --control-image, the conditioning image the ControlNet follows")
+    if args.control_image is not None and args.controlnet is None:
+        raise InputError("--control-image needs --controlnet DIR (a trained ControlNet)")
     for option, values in (("--lora", [parse_lora(spec)[0] for spec in args.lora]), ("--embeddings", args.embeddings)):
         for value in values:
             if not Path(value).expanduser().exists() and looks_local(value):
                 raise InputError(f"{option}: {value!r} does not exist; give an existing file or folder, or a Hub id")
-    for option, value in (("--image", args.image), ("--mask", args.mask)):
+    for option, value in (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image)):
         if value is not None and not Path(value).expanduser().is_file():
             raise InputError(f"{option}: the file {value!r} does not exist")
 
@@ -346,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             lora_scale=[scale for _, scale in loras] or 1.0,
             embeddings=args.embeddings or None,
             unet=args.unet,
+            controlnet=args.controlnet,
             scheduler=args.scheduler,
             device=args.device,
             dtype=args.dtype,
@@ -374,12 +415,16 @@ def run(args: argparse.Namespace) -> int:
             mask=args.mask,
             strength=args.strength,
             batch_size=args.batch_size,
+            control_image=args.control_image,
+            controlnet_scale=args.controlnet_scale,
         )
     except (ValueError, OSError) as err:  # options that do not fit this pipeline, an unreadable --image
         raise InputError(one_line(err)) from err
     extra = {"base": args.base, "lora": [f"{p}:{s}" for p, s in loras], "embeddings": args.embeddings}
     if args.unet:
         extra["unet"] = args.unet
+    if args.controlnet:
+        extra.update(controlnet=args.controlnet, control_image=args.control_image)
     try:
         paths, grid = save_images(results, args.out, extra)
     except OSError as err:

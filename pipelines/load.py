@@ -201,6 +201,45 @@ def load_unet(path: str, index: dict[str, Any], base: str, dtype: torch.dtype):
     return unet
 
 
+def load_controlnet(path: str, cls: type, base: str, dtype: torch.dtype):
+    """A trained ControlNet: a ControlNet folder (config.json + weights) or a difftune output / repo with a
+    controlnet/ subfolder, checked against the base model's UNet; returns (controlnet, the ControlNet pipeline
+    class of the base model's family)."""
+    import diffusers
+
+    family = family_or_none(cls.__name__)
+    if family is None or family.controlnet_pipeline is None or family.is_inpainting(cls.__name__):
+        from finetune.families import family_names, get_family
+
+        families = [get_family(name) for name in family_names()]
+        supported = [family.text_to_image_pipeline for family in families if family.controlnet_pipeline]
+        raise ValueError(f"{base!r} is a {cls.__name__}: a ControlNet loads into {', '.join(supported)} folders only")
+    local = Path(path).expanduser()
+    if local.exists():
+        subfolder = "controlnet" if (local / "controlnet" / "config.json").is_file() else None
+        if subfolder is None and not (local / "config.json").is_file():
+            raise ValueError(
+                f"controlnet {path!r} is neither a ControlNet folder (config.json) nor a folder with a controlnet/ "
+                "subfolder"
+            )
+    else:
+        from huggingface_hub import file_exists
+
+        subfolder = "controlnet" if file_exists(path, "controlnet/config.json") else None
+    controlnet_cls = getattr(diffusers, family.controlnet_class)
+    controlnet = controlnet_cls.from_pretrained(path, subfolder=subfolder, use_safetensors=True, dtype=dtype)
+    base_config = diffusers.UNet2DConditionModel.load_config(base, subfolder="unet")
+    for key in ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type"):
+        if base_config.get(key) != controlnet.config.get(key) and not (
+            isinstance(base_config.get(key), (list, tuple)) and list(base_config[key]) == list(controlnet.config[key])
+        ):
+            raise ValueError(
+                f"controlnet {path!r} does not fit {base!r}: {key} is {controlnet.config.get(key)!r}, the base "
+                f"model's UNet has {base_config.get(key)!r}"
+            )
+    return controlnet, family.pipeline_class(controlnet=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # LoRA compatibility
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,13 +393,16 @@ def load_pipeline(
     lora_scale: float | list[float] = 1.0,
     embeddings: str | list[str] | None = None,
     unet: str | None = None,
+    controlnet: str | None = None,
     scheduler: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
 ):
     """A ready pipeline: `base` (folder or Hub id) with `unet` replaced, LoRAs applied at `lora_scale` (one scale for
-    all, or one per LoRA), Textual Inversion `embeddings` added, and the `scheduler` chosen by name."""
+    all, or one per LoRA), Textual Inversion `embeddings` added, and the `scheduler` chosen by name. With a trained
+    `controlnet` (its folder, or an output folder with controlnet/), the family's ControlNet pipeline (called with a
+    control `image`)."""
     base = str(base)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -380,6 +422,10 @@ def load_pipeline(
         components["unet"] = load_unet(str(unet), index, base, torch_dtype)
     components.update(absent_text_encoders(index, base, cls))
     pipe = cls.from_pretrained(base, revision=revision, use_safetensors=True, dtype=torch_dtype, **components)
+    if controlnet is not None:
+        model, controlnet_pipeline = load_controlnet(str(controlnet), cls, base, torch_dtype)
+        pipe = controlnet_pipeline.from_pipe(pipe, controlnet=model)
+        cls = type(pipe)
 
     if scheduler is not None:
         text_free = not hasattr(pipe, "tokenizer")

@@ -43,6 +43,8 @@ def pipeline_kind(pipe) -> str:
     distilled students): `finetune.imaging.pipeline_kind`, narrowed to what this module runs. ValueError for the
     others (inpainting, image-to-image, anything without those inputs)."""
     name = type(pipe).__name__
+    if getattr(pipe, "controlnet", None) is not None:  # text-to-image following a control image
+        return "text"
     try:
         kind = imaging.pipeline_kind(pipe)
     except ValueError:
@@ -378,10 +380,12 @@ def generate_with_steps(
     max_frames: int = MAX_FRAMES,
     model_id: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    control_image: Image.Image | None = None,
 ) -> Generation:
     """`num_images` images (image i from seed + i) and the denoising steps of the first one. The pipeline's scheduler
     is used as it is (set `pipe.scheduler` first to change it). `on_step(done, total)` is called after every step
-    (progress); an exception it raises stops the generation and comes out of this call."""
+    (progress); an exception it raises stops the generation and comes out of this call. With a ControlNet: follows
+    `control_image`."""
     kind = pipeline_kind(pipe)
     steps, num_images = int(steps), int(num_images)
     if steps < 1 or num_images < 1:
@@ -397,6 +401,10 @@ def generate_with_steps(
             kwargs["negative_prompt"] = negative_prompt
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
+        if getattr(pipe, "controlnet", None) is not None:
+            if control_image is None:
+                raise ValueError(f"{type(pipe).__name__} runs a ControlNet: it needs a control image")
+            kwargs["image"] = control_image
     elif kind == "class":
         kwargs["class_labels"] = _class_labels(pipe, class_label, num_images)
         if guidance is not None:

@@ -63,7 +63,7 @@ class Row:
     family: str
     method: str
     options: dict = field(default_factory=dict)
-    output: str = "lora"  # lora | pipeline | embeddings
+    output: str = "lora"  # lora | pipeline | embeddings | controlnet
 
     @property
     def id(self) -> str:
@@ -98,6 +98,8 @@ def rows_of(family: str) -> list[Row]:
     ]
     if capabilities.textual_inversion:
         rows.append(Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"))
+    if capabilities.controlnet_class:  # a ControlNet beside the frozen UNet, on captioned images with edge maps
+        rows.append(Row("controlnet", family, "controlnet", output="controlnet"))
     if capabilities.inpainting_pipeline:
         # inpainting is a variant of every method: DreamBooth-LoRA on the family's inpainting checkpoint
         rows.append(Row("inpainting-lora", f"{family}-inpainting", "dreambooth", {**dreambooth, "use_lora": True}))
@@ -114,7 +116,13 @@ def make_bases(root: Path, family: str) -> dict[str, Path]:
     lines = [json.dumps({"file_name": p.name, "text": c}) for p, c in zip(images, captions)]
     (captioned / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     make_test_images(root / "instance", 4, size=64, seed=3)
-    return {**paths, "captioned": captioned, "instance": root / "instance", "root": root}
+    controlled = root / "controlled"  # the captioned images with Canny-like edge maps (method controlnet)
+    if get_family(family).controlnet_class:
+        from captioning.conditioning import build_conditioning_dataset
+
+        shutil.copytree(captioned, controlled)
+        build_conditioning_dataset(controlled)
+    return {**paths, "captioned": captioned, "instance": root / "instance", "controlled": controlled, "root": root}
 
 
 def recipe(row: Row, bases: dict[str, Path], output_dir: Path, steps: int = 3, **sections) -> dict:
@@ -125,10 +133,11 @@ def recipe(row: Row, bases: dict[str, Path], output_dir: Path, steps: int = 3, *
         options["instance_data_dir"] = str(bases["instance"])
         if options.get("with_prior_preservation"):
             options["class_data_dir"] = str(output_dir.parent / f"{output_dir.name}-class")
+    dataset = bases["controlled"] if row.output == "controlnet" else bases["captioned"]
     return {
         "method": row.method,
         "model": {"pretrained_model_name_or_path": str(bases[row.family]), "family": row.family.split("-")[0]},
-        "data": {"dataset": str(bases["captioned"]), "resolution": 64, "random_flip": True},
+        "data": {"dataset": str(dataset), "resolution": 64, "random_flip": True},
         "optim": {"lr": 5e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 1},
         "diffusion": {"num_inference_steps": 2},
         "train": {
@@ -171,12 +180,59 @@ def image(row: Row, pipe, prompt: str) -> np.ndarray:
     return sd_image(pipe, prompt)
 
 
+def control_images(bases: dict[str, Path]) -> list[Path]:
+    return sorted((bases["controlled"] / "conditioning").glob("*.png"))
+
+
+def check_controlnet_loads_and_follows_its_control(row: Row, bases: dict[str, Path], out: Path) -> None:
+    """The controlnet/ folder loads into the family's plain ControlNet pipeline beside the base model; it changes
+    the base model's image, and two control images give two images; the command line takes it too."""
+    import diffusers
+    from PIL import Image
+
+    family = row.model_family
+    controlnet = diffusers.ControlNetModel.from_pretrained(out, subfolder="controlnet")
+    pipe = getattr(diffusers, family.controlnet_pipeline).from_pretrained(bases[row.family], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(control: Image.Image) -> np.ndarray:
+        kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="np")
+        return pipe(TRIGGER_PROMPT, image=control, generator=torch.manual_seed(0), **kwargs).images
+
+    edges = draw(Image.open(control_images(bases)[0]).convert("RGB"))
+    plain = sd_image(pipeline_of(row, bases[row.family]), TRIGGER_PROMPT)
+    assert np.abs(edges - plain).max() > 1e-3, "the trained ControlNet must change the image"
+    # after 3 steps the control reaches the UNet through two products of near-zero convolutions: a small effect,
+    # but the same seed gives the same image bit for bit unless the control matters
+    white = draw(Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert np.abs(edges - white).max() > 1e-6, "another control image must give another image"
+    # load_pipeline and the command line take it the same way
+    from pipelines.generate import main
+    from pipelines.load import load_pipeline
+
+    loaded = load_pipeline(bases[row.family], controlnet=str(out), dtype="float32")
+    assert type(loaded).__name__ == family.controlnet_pipeline
+    argv = [str(bases[row.family]), "--prompt", TRIGGER_PROMPT, "--steps", "2", "--controlnet", str(out)]
+    control = ["--control-image", str(control_images(bases)[0])]
+    assert main([*argv, *control, "--out", str(out.parent / "generated")]) == 0
+    assert (out.parent / "generated" / "0001.png").is_file()
+    assert main([*argv, "--out", str(out.parent / "no-control")]) == 2, "--controlnet without --control-image"
+
+
 def check_trains_saves_loads_and_changes_the_image(row: Row, bases: dict[str, Path], out: Path) -> None:
     from diffusers.training_utils import free_memory
 
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert losses and all(np.isfinite(losses)), losses
     card = (out / "README.md").read_text()
+    if row.output == "controlnet":
+        facts = ["ControlNetModel.from_pretrained", 'subfolder="controlnet"', row.model_family.controlnet_pipeline]
+        facts += ["**Licence:** Inherits the licence of the base model", row.model_family.license_note]
+        assert all(fact in card for fact in facts), [fact for fact in facts if fact not in card]
+        assert (out / "samples" / "final.png").is_file()
+        check_controlnet_loads_and_follows_its_control(row, bases, out)
+        free_memory()
+        return
     assert PIPELINES[row.family] in card, "the card shows how to load it with the family's pipeline"
     facts = {"lora": ["load_lora_weights"], "pipeline": [".from_pretrained"], "embeddings": [TOKEN]}[row.output]
     facts += ["**Licence:** Inherits the licence of the base model", row.model_family.license_note]
@@ -231,6 +287,22 @@ def check_only_intended_parameters_changed(row: Row, bases: dict[str, Path], out
     files = [load_file(str(p)) for p in sorted((out / "checkpoint-2").glob("trainable_*.safetensors"))]
     trained = {key: value for state in files for key, value in state.items()}
     base = bases[row.family]
+    if row.output == "controlnet":
+        # only the ControlNet trains (the UNet, VAE and text encoders stay the base's: nothing of theirs is saved),
+        # and its zero convolutions left zero
+        import diffusers
+
+        unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet")
+        vae = diffusers.AutoencoderKL.from_pretrained(base / "vae")
+        initial = row.model_family.make_controlnet(unet, vae).state_dict()
+        assert len(files) == 1 and set(trained) == set(initial), sorted(set(trained) ^ set(initial))[:5]
+        assert [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(("checkpoint", "samples"))] == [
+            "controlnet"
+        ]
+        zero = [k for k in initial if k.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+        assert zero and all(not initial[k].any() for k in zero), "from_unet starts with zero convolutions"
+        assert all(trained[k].any() for k in zero if k.endswith("weight")), "the zero convolutions trained"
+        return
     if row.output == "lora":
         assert trained and all("lora_" in key for key in trained), "only LoRA layers train"
         text_keys = [k for k in load_file(str(out / "pytorch_lora_weights.safetensors")) if k.startswith("text_enc")]
@@ -277,7 +349,12 @@ def check_cached_equals_uncached(row: Row, bases: dict[str, Path], root: Path) -
         method.before_training(None)
         batch = collate_examples([method.train_dataset[i] for i in range(4)])
         torch.manual_seed(0)
-        losses[mode] = method.loss(batch)[0].item()
+        loss = method.loss(batch)[0]
+        losses[mode] = loss.item()
+        if row.output == "controlnet" and mode == "none":  # gradients reach the ControlNet, never the UNet
+            loss.backward()
+            assert all(p.grad is None and not p.requires_grad for p in method.unet.parameters())
+            assert all(p.grad is not None for p in method.controlnet.parameters())
     assert abs(losses["none"] - losses["memory"]) < 1e-5, losses
 
 

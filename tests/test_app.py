@@ -409,6 +409,44 @@ def test_lora_scale_scheduler_and_embeddings(tiny_sd_dir, tmp_path):
     np.testing.assert_array_equal(off, as_array(reference))  # LoRA scale 0: the base model
 
 
+def test_a_controlnet_and_its_control_image_are_served_like_sd(tiny_sd_dir, tmp_path):
+    """The app (and its step recorder) runs the base model with a ControlNet: each generation follows the control
+    image it was started with, as the plain ControlNet pipeline draws it."""
+    import diffusers
+    from PIL import Image
+
+    from pipelines.app import load_served_model
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet")
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(0)
+    for name, parameter in controlnet.named_parameters():  # as if trained: the zero convolutions carry the control
+        if "controlnet_" in name or "conv_out" in name:
+            parameter.data.normal_(0, 0.2)
+    controlnet.save_pretrained(tmp_path / "cn" / "controlnet")
+    controls = {}
+    for name, colour in (("white", 255), ("black", 0)):
+        controls[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (64, 64), (colour,) * 3).save(controls[name])
+    with pytest.raises(ValueError, match="needs a control image"):
+        load_served_model(str(tiny_sd_dir), controlnet=str(tmp_path / "cn"), device="cpu")
+    images = {}
+    for name, control in controls.items():
+        served = load_served_model(str(tiny_sd_dir), controlnet=str(tmp_path / "cn"), control_image=str(control))
+        assert served.kind == "text" and "ControlNet" in served.describe()
+        with pytest.raises(ValueError, match="needs a control image"):
+            S.generate_with_steps(served.pipe, steps=2, seed=0, prompt="a toy")
+        result = S.generate_with_steps(
+            served.pipe, steps=2, seed=0, prompt="a toy", control_image=served.control_image
+        )  # (the page's callback passes the served model's control image)
+        images[name] = as_array(result.images[0])
+        plain = served.pipe(
+            "a toy", image=served.control_image, num_inference_steps=2, generator=S._generators(0, 1)
+        ).images[0]
+        np.testing.assert_array_equal(images[name], as_array(plain))
+    assert np.abs(images["white"] - images["black"]).mean() > 0.5, "the control image matters"
+
+
 def test_a_distilled_student_defaults_to_its_steps(tmp_path):
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 

@@ -156,6 +156,8 @@ def test_fine_tuning_benchmark_runs_every_method(miniature):
                 "2",
                 "--steps",
                 "2",
+                "--controls-per-digit",
+                "2",
                 "--in-process",
                 "--teach-overrides",
                 "train.max_train_steps=2",
@@ -164,13 +166,20 @@ def test_fine_tuning_benchmark_runs_every_method(miniature):
         )
     )
     rows = json.loads((work / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows[1:]] == [t.label for t in bench.TEACHINGS] + [bench.STYLE.label]
+    labels = [t.label for t in bench.TEACHINGS] + [bench.STYLE.label, bench.CONTROLNET]
+    assert [r["method"] for r in rows[1:]] == labels
+    # the ControlNet's rows: with and without it, on seen digits' and nines' edge maps; its pairs' grid
+    controlnet = rows[-1]
+    assert all(0 <= controlnet[f"follows_{k}"] <= 1 for k in ("seen", "unseen", "seen_without", "unseen_without"))
+    assert "| unseen digit (9) |" in report and (work / "grid_controlnet.png").is_file()
+    data = work / "controlnet-data"
+    assert len(list((data / "conditioning").glob("*.png"))) == len(list(data.glob("*.png")))
     for row in rows[1:]:
         assert row["steps"] == 2 and row["size_kb"] > 0
     for teaching in bench.TEACHINGS:
         assert teaching.label in report
         assert (work / f"grid_{teaching.recipe.removesuffix('.yaml')}.png").is_file()
-    assert 0 <= rows[-1]["thick_with_trigger"] <= 1
+    assert 0 <= rows[-2]["thick_with_trigger"] <= 1
     # the full fine-tune saves a whole pipeline, the adapters a small file
     sizes = {r["method"]: r["size_kb"] for r in rows[1:]}
     assert sizes["DreamBooth"] > 10 * sizes["Textual Inversion"]

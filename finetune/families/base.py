@@ -52,6 +52,10 @@ class Family:
     # textual_inversion.py writes it)
     textual_inversion: ClassVar[bool] = True
     embedding_keys: ClassVar[dict[str, str] | None] = None
+    # ControlNet (Zhang et al. 2023): the diffusers class of the family's ControlNet and the pipeline that samples
+    # with one; None where difftune does not train one for the family
+    controlnet_class: ClassVar[str | None] = None
+    controlnet_pipeline: ClassVar[str | None] = None
     default_model: ClassVar[str]
     # the model card's licence: Hub metadata id ("other" when the family's checkpoints differ) and a note on the
     # licences of its usual base models, which weights trained from them inherit
@@ -220,10 +224,65 @@ class Family:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- pipelines and files -----------------------------------------------------------------------------------------
-    def pipeline_class(self, inpainting: bool = False):
+    # -- ControlNet --------------------------------------------------------------------------------------------------
+    def denoiser_kwargs(self, model_input: torch.Tensor, conditioning: dict[str, torch.Tensor], batch) -> dict:
+        """The conditioning keyword arguments of the denoiser call, which a ControlNet takes too (UNet families)."""
+        raise NotImplementedError
+
+    def make_controlnet(
+        self, denoiser: torch.nn.Module, vae: torch.nn.Module, pretrained: str | None = None, **load
+    ) -> torch.nn.Module:
+        """A ControlNet for the denoiser: copied from it with zero convolutions (`from_unet`, Zhang et al. 2023,
+        section 3.2), its control encoder downsampling as much as the VAE (3 times for SD's 8x, fewer for a small
+        VAE); or a pretrained one (a folder or Hub id, `subfolder`/`revision` in `load`) to train further."""
         import diffusers
 
+        cls = getattr(diffusers, self.controlnet_class)
+        if pretrained is not None:
+            return cls.from_pretrained(pretrained, **load)
+        downsamplings = len(vae.config.block_out_channels) - 1  # the VAE halves the image this many times
+        channels = (16, 32, 96, 256, 256, 256)[: downsamplings + 1]  # diffusers' default for 8x: (16, 32, 96, 256)
+        return cls.from_unet(denoiser, conditioning_embedding_out_channels=channels)
+
+    def denoise_with_controlnet(
+        self,
+        denoiser: torch.nn.Module,
+        controlnet: torch.nn.Module,
+        model_input: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+        control: torch.Tensor,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The denoiser with the ControlNet's residuals added to its skip connections and middle block, as the
+        family's ControlNet pipeline calls them (Zhang et al. 2023, eq. 2); `control` is [B, 3, H, W] in [0, 1]."""
+        kwargs = self.denoiser_kwargs(model_input, conditioning, batch)
+        down, mid = controlnet(
+            model_input,
+            timesteps,
+            controlnet_cond=control.to(model_input.dtype),
+            conditioning_scale=scale,
+            return_dict=False,
+            **kwargs,
+        )
+        dtype = next(denoiser.parameters()).dtype
+        return denoiser(
+            model_input,
+            timesteps,
+            down_block_additional_residuals=[residual.to(dtype) for residual in down],
+            mid_block_additional_residual=mid.to(dtype),
+            **kwargs,
+        ).sample
+
+    # -- pipelines and files -----------------------------------------------------------------------------------------
+    def pipeline_class(self, inpainting: bool = False, controlnet: bool = False):
+        import diffusers
+
+        if controlnet:
+            if self.controlnet_pipeline is None:
+                raise ConfigError(f"the {self.name} family has no ControlNet pipeline in difftune")
+            return getattr(diffusers, self.controlnet_pipeline)
         name = self.inpainting_pipeline if inpainting else self.text_to_image_pipeline
         if name is None:
             raise ConfigError(f"the {self.name} family has no inpainting pipeline")
@@ -233,8 +292,9 @@ class Family:
         """Whether a pipeline folder's model_index.json `_class_name` is this family's inpainting pipeline."""
         return pipeline_class is not None and pipeline_class == self.inpainting_pipeline
 
-    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
-        """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler."""
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False, controlnet=None):
+        """A plain diffusers pipeline from (unwrapped) components and a sampling scheduler (the family's ControlNet
+        pipeline when a ControlNet is given)."""
         raise NotImplementedError
 
     def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ class StableDiffusion(Family):
     )
     text_to_image_pipeline = "StableDiffusionPipeline"
     inpainting_pipeline = "StableDiffusionInpaintPipeline"
+    controlnet_class = "ControlNetModel"
+    controlnet_pipeline = "StableDiffusionControlNetPipeline"
     default_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     license = "creativeml-openrail-m"
     license_note = (
@@ -31,11 +33,15 @@ class StableDiffusion(Family):
         ids = self.tokenize(parts["tokenizer"], texts).to(device)
         return {"prompt_embeds": parts["text_encoder"](ids)[0]}
 
-    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
-        return unet(model_input, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
+    def denoiser_kwargs(self, model_input, conditioning, batch) -> dict:
+        return {"encoder_hidden_states": conditioning["prompt_embeds"]}
 
-    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
-        return self.pipeline_class(inpainting)(
+    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
+        return unet(model_input, timesteps, **self.denoiser_kwargs(model_input, conditioning, batch)).sample
+
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False, controlnet=None):
+        extra = {} if controlnet is None else {"controlnet": controlnet}
+        return self.pipeline_class(inpainting, controlnet is not None)(
             vae=parts["vae"],
             text_encoder=parts["text_encoder"],
             tokenizer=parts["tokenizer"],
@@ -45,4 +51,5 @@ class StableDiffusion(Family):
             feature_extractor=None,
             image_encoder=None,
             requires_safety_checker=False,
+            **extra,
         )

@@ -40,6 +40,8 @@ class StableDiffusionXL(Family):
         "text_encoder": "CLIPTextModel",
         "text_encoder_2": "CLIPTextModelWithProjection",
     }
+    controlnet_class = "ControlNetModel"
+    controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
     default_model = "stabilityai/stable-diffusion-xl-base-1.0"
     license = "openrail++"
     license_note = (
@@ -76,16 +78,18 @@ class StableDiffusionXL(Family):
             pooled = output[0]  # the second encoder's projected pooled embedding, as the pipeline takes it
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
-    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
+    def denoiser_kwargs(self, model_input, conditioning, batch) -> dict:
         pooled = conditioning["pooled_prompt_embeds"]
         added = {"text_embeds": pooled, "time_ids": add_time_ids(batch, model_input.device, pooled.dtype)}
-        return unet(
-            model_input, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], added_cond_kwargs=added
-        ).sample
+        return {"encoder_hidden_states": conditioning["prompt_embeds"], "added_cond_kwargs": added}
 
-    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False):
+    def denoise(self, unet, model_input, timesteps, conditioning, batch) -> torch.Tensor:
+        return unet(model_input, timesteps, **self.denoiser_kwargs(model_input, conditioning, batch)).sample
+
+    def pipeline(self, parts: dict[str, Any], scheduler, inpainting: bool = False, controlnet=None):
         extra = {"requires_aesthetics_score": False} if inpainting else {}
-        return self.pipeline_class(inpainting)(
+        extra.update({} if controlnet is None else {"controlnet": controlnet})
+        return self.pipeline_class(inpainting, controlnet is not None)(
             vae=parts["vae"],
             text_encoder=parts["text_encoder"],
             text_encoder_2=parts["text_encoder_2"],
