@@ -333,7 +333,10 @@ def test_a_lora_run_on_portrait_landscape_and_square_images_writes_buckets_json_
     assert sorted(set(epochs)) == [0, 1]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     grid = Image.open(out / "samples" / "final.png")
-    assert grid.size == (2 * (2 * 80 + 2) + 2,) * 2, "three sizes in cells of the largest (enlarged x2 for viewing)"
+    # one captioned row per prompt and size, each in a cell of the largest size (enlarged x2 for viewing)
+    from finetune.outputs import LABEL_HEIGHT
+
+    assert grid.size == (2 * 80 + 2 + 2, 2 + 3 * (2 * 80 + 2 + LABEL_HEIGHT)), grid.size
 
 
 def test_dreambooth_with_prior_preservation_trains_instance_and_class_images_in_their_buckets(tmp_path):
