@@ -130,18 +130,13 @@ def denoiser_config(arch: str, flux_blocks: tuple[int, int] = (4, 8)) -> tuple[s
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-    return "FluxTransformer2DModel", dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=flux_blocks[0],
-        num_single_layers=flux_blocks[1],
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    from benchmarks.bench_flow import FLUX_DEV_TRANSFORMER  # FLUX.1-dev's config, with fewer blocks if asked
+
+    return "FluxTransformer2DModel", {
+        **FLUX_DEV_TRANSFORMER,
+        "num_layers": flux_blocks[0],
+        "num_single_layers": flux_blocks[1],
+    }
 
 
 def denoiser_inputs(arch: str, batch: int, resolution: int, device):
