@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from finetune.compat import require_text_encoder_lora
 from finetune.config import ConfigError, option
+from finetune.lora_layers import with_adapters
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -91,11 +92,6 @@ def add_lora(modules: dict[str, torch.nn.Module], options: LoraOptions, family=N
         family.kohya_state_dict(modules)
 
 
-def with_adapters(modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.nn.Module]:
-    """The modules that carry a LoRA adapter, by component name."""
-    return {name: m for name, m in modules.items() if m is not None and getattr(m, "peft_config", None)}
-
-
 def _metadata(module) -> dict | None:
     config = getattr(module, "peft_config", {}).get("default")
     if config is None:
@@ -120,35 +116,6 @@ def save_lora(output_dir: Path, modules: dict[str, torch.nn.Module | None], fami
         for name, m in adapted.items()
     }
     return family.save_lora(output_dir, layers, {name: _metadata(m) for name, m in adapted.items()}, inpainting)
-
-
-def lora_factors(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Each LoRA'd layer of a peft-injected module: its name -> (down A [r, in], up B [out, r], scale alpha / r), so
-    that the layer adds scale * B @ A to its weight."""
-    factors = {}
-    for name, layer in module.named_modules():
-        if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
-            continue
-        down = layer.lora_A["default"].weight.detach().float().cpu().contiguous()
-        up = layer.lora_B["default"].weight.detach().float().cpu().contiguous()
-        factors[name] = (down, up, float(layer.scaling["default"]))
-    return factors
-
-
-def kohya_state_dict(modules: dict[str, torch.nn.Module | None], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """kohya / WebUI keys (`lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders
-    `lora_te_` for SD, `lora_te1_`/`lora_te2_` for SDXL), with each module's alpha as trained. diffusers' own
-    converter writes alpha = rank, which changes the strength when alpha != rank."""
-    out: dict[str, torch.Tensor] = {}
-    for component, module in with_adapters(modules).items():
-        prefix = prefixes[component]
-        for name, (down, up, scale) in lora_factors(module).items():
-            key = f"{prefix}_{name.replace('.', '_')}"
-            out[f"{key}.lora_down.weight"] = down
-            out[f"{key}.lora_up.weight"] = up
-            # peft scales by lora_alpha / r; kohya by alpha / rank of the stored matrices
-            out[f"{key}.alpha"] = torch.tensor(scale * down.shape[0])
-    return out
 
 
 def save_kohya(output_dir: Path, modules: dict[str, torch.nn.Module | None], family) -> Path:

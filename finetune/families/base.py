@@ -299,7 +299,7 @@ class Family:
 
     def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
         """The LoRA'd modules' adapters in kohya's key layout (`kohya_prefixes` + the module path with `_`)."""
-        from finetune.adapters import kohya_state_dict
+        from finetune.lora_layers import kohya_state_dict
 
         return kohya_state_dict(modules, self.kohya_prefixes)
 

@@ -98,9 +98,9 @@ def flux_kohya_name(name: str) -> tuple[str, str, list[str]] | None:
 def flux_kohya_state_dict(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], out_features: dict[str, int]
 ) -> dict[str, torch.Tensor]:
-    """A Flux transformer LoRA (module -> (down, up, scale), as `adapters.lora_factors`) in kohya's sd-scripts layout.
-    The members of a fused BFL projection become one LoRA of rank members x r: the downs stacked, the ups on the
-    block diagonal (a member without LoRA: zeros, its width from `out_features`), which is the form diffusers'
+    """A Flux transformer LoRA (module -> (down, up, scale), as `lora_layers.lora_factors`) in kohya's sd-scripts
+    layout. The members of a fused BFL projection become one LoRA of rank members x r: the downs stacked, the ups on
+    the block diagonal (a member without LoRA: zeros, its width from `out_features`), which is the form diffusers'
     kohya loader splits back exactly. Alphas keep the trained strength; the final layer, whose alpha that loader
     ignores, gets its scale folded into the up weights (and the adaLN's shift/scale halves in BFL's order)."""
     groups: dict[str, list[str]] = {}
@@ -171,7 +171,7 @@ class Flux(Family):
 
     def kohya_state_dict(self, modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
         """CLIP-L's LoRA under `lora_te1_` and the transformer's in BFL's fused layout (flux_kohya_state_dict)."""
-        from finetune.adapters import kohya_state_dict, lora_factors, with_adapters
+        from finetune.lora_layers import kohya_state_dict, lora_factors, with_adapters
 
         adapted = with_adapters(modules)
         transformer = adapted.pop(self.denoiser, None)
