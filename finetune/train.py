@@ -42,7 +42,7 @@ from finetune.outputs import (
     write_model_card,
 )
 from finetune.plan import check_output_dir
-from finetune.preflight import check_training_inputs, format_duration, resolve_tracker  # noqa: F401 (re-exported)
+from finetune.preflight import check_training_inputs, format_duration, resolve_tracker
 
 logger = logging.getLogger("difftune")
 
