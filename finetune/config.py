@@ -227,6 +227,11 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = option(
         "linear", "Noise schedule of from-scratch models ('squaredcos_cap_v2' is the cosine schedule)."
     )
+    schedule_shift: float = option(
+        1.0,
+        "From-scratch models, cosine schedule only: shift its log-SNR by 2 log(shift) (Hoogeboom et al. 2023, "
+        "'simple diffusion': 64 / resolution for images under 64 px keeps more signal at every timestep).",
+    )
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = option(
         None, "What the model predicts. None: keep the base model's scheduler setting (epsilon from scratch)."
     )
@@ -259,6 +264,27 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.snr_gamma must be positive or null, got {self.snr_gamma}")
         if self.noise_offset < 0:
             raise ConfigError(f"diffusion.noise_offset must be >= 0, got {self.noise_offset}")
+        if self.schedule_shift <= 0:
+            raise ConfigError(f"diffusion.schedule_shift must be positive, got {self.schedule_shift}")
+        if self.schedule_shift != 1.0 and self.beta_schedule != "squaredcos_cap_v2":
+            raise ConfigError(
+                f"diffusion.schedule_shift={self.schedule_shift} shifts the cosine schedule only: set "
+                f"diffusion.beta_schedule=squaredcos_cap_v2 or leave schedule_shift at 1.0"
+            )
+
+    def from_scratch_scheduler_kwargs(self) -> dict:
+        """DDPMScheduler arguments of a model trained from scratch; a shifted cosine travels as `trained_betas`, which
+        diffusers saves in scheduler_config.json, so every `from_pretrained` samples on the schedule it trained on."""
+        kwargs = dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type or "epsilon",
+        )
+        if self.schedule_shift != 1.0:
+            from finetune.diffusion import shifted_cosine_betas
+
+            kwargs["trained_betas"] = shifted_cosine_betas(self.num_train_timesteps, self.schedule_shift).tolist()
+        return kwargs
 
 
 @dataclass

@@ -7,7 +7,30 @@ import math
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3, compute_snr
 
-__all__ = ["compute_snr", "seeded_noise", "seeded_timesteps", "training_target", "min_snr_loss_weights"]
+__all__ = [
+    "compute_snr",
+    "seeded_noise",
+    "seeded_timesteps",
+    "training_target",
+    "min_snr_loss_weights",
+    "shifted_cosine_betas",
+]
+
+
+def shifted_cosine_log_snr(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """log SNR(t) = -2 log tan(pi t / 2) + 2 log(shift): the cosine schedule shifted for resolution (Hoogeboom et al.
+    2023, "simple diffusion", eq. 4 with shift = 64 / d; shift > 1 keeps more signal at every t, for small images)."""
+    return -2.0 * torch.log(torch.tan(math.pi * t / 2)) + 2.0 * math.log(shift)
+
+
+def shifted_cosine_betas(num_train_timesteps: int, shift: float, max_beta: float = 0.999) -> torch.Tensor:
+    """Discrete betas of the shifted cosine schedule: beta_i = 1 - alphabar(t_i+1) / alphabar(t_i), alphabar =
+    sigmoid(log SNR) (Nichol & Dhariwal 2021, eq. 17's discretisation; clipped at `max_beta` like theirs)."""
+    t = torch.linspace(0, 1, num_train_timesteps + 1, dtype=torch.float64)
+    alphas_cumprod = torch.sigmoid(shifted_cosine_log_snr(t, shift))
+    alphas_cumprod[0], alphas_cumprod[-1] = 1.0, 0.0  # the limits at t = 0 and t = 1 (tan is 0 and infinite there)
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
 
 
 def example_generators(seeds: torch.Tensor) -> list[torch.Generator]:

@@ -358,11 +358,7 @@ class LatentDiffusion(TextToImageMethod):
             norm_num_groups=options.norm_num_groups,
         )
         diffusion = self.config.diffusion
-        noise_scheduler = DDPMScheduler(
-            num_train_timesteps=diffusion.num_train_timesteps,
-            beta_schedule=diffusion.beta_schedule,
-            prediction_type=diffusion.prediction_type or "epsilon",
-        )
+        noise_scheduler = DDPMScheduler(**diffusion.from_scratch_scheduler_kwargs())
         return dict(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
         )

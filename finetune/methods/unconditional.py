@@ -140,11 +140,7 @@ class UnconditionalDDPM(DenoisingMethod):
     def load_components(self, channels: int):
         diffusion = self.config.diffusion
         unet = UNet2DModel(**self.unet_kwargs(channels))
-        scheduler = DDPMScheduler(
-            num_train_timesteps=diffusion.num_train_timesteps,
-            beta_schedule=diffusion.beta_schedule,
-            prediction_type=diffusion.prediction_type or "epsilon",
-        )
+        scheduler = DDPMScheduler(**diffusion.from_scratch_scheduler_kwargs())
         return unet, scheduler
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
