@@ -307,6 +307,13 @@ class TrainConfig:
         False,
         "Keep the denoiser's convolution weights and activations in channels-last memory order (GPU tensor cores).",
     )
+    attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = option(
+        "auto",
+        "torch's scaled-dot-product attention kernel for the training step: 'auto' (torch picks per call), 'math' "
+        "(plain matmuls, any device and dtype), 'flash' (FlashAttention-2: CUDA fp16/bf16, sm80+; also a CPU "
+        "kernel), 'efficient' (memory-efficient attention, CUDA), 'cudnn' (cuDNN attention, CUDA sm80+). A kernel the "
+        "device cannot run with this mixed precision is refused before the models load.",
+    )
     log_every: int = option(10, "Log loss and lr every N optimizer steps.")
     sample_every: int = option(0, "Write a sample grid every N steps (0: only at the end; -1: never).")
     num_samples: int = option(16, "Images in each sample grid (0: no sample grids at all, the final one included).")

@@ -1,10 +1,12 @@
 """The speed levers of the loop, behind options: mixed precision the device really runs, regional torch.compile,
-channels-last memory, the optimizer's kernels, the data loader's workers. Each is a small function the loop calls;
-none knows which method or family it runs (a method names the modules that do a step's work, `compute_modules`).
+channels-last memory, the attention kernel, the optimizer's kernels, the data loader's workers. Each is a small
+function the loop calls; none knows which method or family it runs (a method names the modules that do a step's
+work, `compute_modules`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -28,6 +30,65 @@ def check_mixed_precision(mixed_precision: str, device: torch.device, config: Co
     raise ConfigError(
         f"{where} needs a GPU: this job runs on a CPU, which has no fp16 autocast. On a CPU set "
         "train.mixed_precision=bf16 (bf16 autocast, frozen weights in bf16) or train.mixed_precision=no (fp32)"
+    )
+
+
+# train.attention_backend -> torch's SDPA backend. torch's sdpa_kernel rather than diffusers' set_attention_backend:
+# diffusers' registry reaches only the processors built on its dispatch_attention_fn (Flux's), while SD's and SDXL's
+# UNet (AttnProcessor2_0) and SD3 (JointAttnProcessor2_0) call F.scaled_dot_product_attention directly; every one of
+# them, diffusers' "native" backend included, ends in that call, which sdpa_kernel governs
+SDPA_BACKENDS = {
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """The context a training step runs in for train.attention_backend: only that SDPA kernel allowed (torch raises
+    rather than fall back to another), or no constraint under 'auto'. A new context per step (sdpa_kernel is a
+    generator context manager; entering it sets a few flags)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
+def attention_backend_runs(name: str, device: torch.device, mixed_precision: str) -> bool:
+    """Whether the device runs this SDPA kernel forward and backward in the step's precision: a tiny attention
+    (batch 1, 2 heads, 8 tokens, head dim 64), under the autocast the step uses. torch itself decides (compute
+    capability, dtype, build), so nothing here restates its rules."""
+    import warnings
+
+    dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    query = torch.randn(1, 2, 8, 64, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    try:
+        with warnings.catch_warnings(), autocast, attention_backend(name):
+            warnings.simplefilter("ignore")  # torch warns once per refused kernel, with its reason
+            out = torch.nn.functional.scaled_dot_product_attention(query, query, query)
+            out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_attention_backend(name: str, device: torch.device, mixed_precision: str) -> None:
+    """Refuse, in one line and before anything loads, an attention kernel the device cannot run (efficient or
+    cudnn on a CPU, flash in fp32 on a GPU), naming the ones it can."""
+    if name == "auto" or attention_backend_runs(name, device, mixed_precision):
+        return
+    usable = [
+        other for other in SDPA_BACKENDS if other != name and attention_backend_runs(other, device, mixed_precision)
+    ]
+    precision = f"mixed precision {mixed_precision}" if mixed_precision in AUTOCAST_DTYPES else "fp32"
+    raise ConfigError(
+        f"train.attention_backend={name}: torch has no such attention kernel for this device ({device.type}, "
+        f"{precision}). Set train.attention_backend=auto (torch picks per call)"
+        + (f", or one this device runs: {', '.join(usable)}" if usable else "")
     )
 
 

@@ -47,6 +47,9 @@ LEVERS = {
     # regional compilation with the cheap backend: the wiring (compile_repeated_blocks on the UNet's transformer
     # blocks, LoRA inside them, backward through them); the inductor backend is test_compile_inductor below
     "compile_aot_eager": ({"train": {"compile": True, "compile_backend": "aot_eager"}}, 1e-4),
+    # the two SDPA kernels a CPU has (auto picks flash where it can): the same attention to float rounding
+    "attention_math": ({"train": {"attention_backend": "math"}}, 1e-4),
+    "attention_flash": ({"train": {"attention_backend": "flash"}}, 1e-4),
 }
 
 
@@ -187,3 +190,43 @@ def test_bench_gpu_wrapper_times_every_optimizer_step(tmp_path):
     )
     figures = execute([str(script), "--steps=5"], 1, {})
     assert figures["steps"] == 5 and figures["s_per_step"] > 0, figures
+
+
+def test_attention_backend_is_the_only_kernel_in_the_step(tiny_sd_dir, captioned_folder, tmp_path, monkeypatch):  # noqa: F811
+    """train.attention_backend=math reaches every attention call of the step: the UNet's processors call
+    F.scaled_dot_product_attention with only the math kernel allowed."""
+    import torch
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    allowed = []
+
+    def recording(*args, **kwargs):
+        backends = torch.backends.cuda
+        allowed.append(
+            (backends.math_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled())
+        )
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    run_lora(tiny_sd_dir, captioned_folder, tmp_path / "run", train={"attention_backend": "math"})
+    assert allowed and set(allowed) == {(True, False, False)}
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+
+
+def test_attention_backend_the_device_cannot_run_is_refused(tiny_sd_dir, captioned_folder, tmp_path, monkeypatch):  # noqa: F811
+    from finetune.methods.lora import LoraTextToImage
+
+    def must_not_load(self):
+        raise AssertionError("the models loaded before the attention backend check")
+
+    monkeypatch.setattr(LoraTextToImage, "setup", must_not_load)
+    recipe = lora_recipe(tiny_sd_dir, captioned_folder, tmp_path / "run")
+    recipe["train"]["attention_backend"] = "efficient"  # CUDA only
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.attention_backend=efficient: torch has no such attention kernel "
+        r"for this device \(cpu, fp32\).*one this device runs: math, flash$",
+    ):
+        run_training(recipe)
+    with pytest.raises(ConfigError, match="train.attention_backend"):  # not one of torch's kernels
+        load_config(recipe, ["train.attention_backend=xformers"])
