@@ -119,6 +119,25 @@ def dataloader_options(data: DataConfig) -> dict[str, Any]:
     return options
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor made on the host during a step (seeded noise, cached latents and text) on the device. On a CUDA GPU
+    through page-locked memory without waiting: a plain copy from pageable memory first waits for every kernel
+    queued on the stream, so the host could not queue the step ahead of the GPU. Elsewhere a plain `.to`."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, dtype, non_blocking=True)
+    return tensor.to(device, dtype)
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device, non_blocking: bool) -> dict[str, Any]:
+    """The batch's tensors on the device, except the per-example bookkeeping that is read on the host (cache keys,
+    RNG seeds: finetune.data.HOST_KEYS): reading those back from a GPU every step waited for the whole queue."""
+    from accelerate.utils import send_to_device
+
+    from finetune.data import HOST_KEYS
+
+    return send_to_device(batch, device, non_blocking=non_blocking, skip_keys=list(HOST_KEYS))
+
+
 def regional_compile(module: torch.nn.Module, backend: str, mode: str | None) -> str:
     """torch.compile each repeated block of `module` in place (diffusers' compile_repeated_blocks: a block class is
     compiled once and its graph reused by every instance), or the whole module where it declares no repeated blocks.

@@ -255,7 +255,9 @@ def train(config: Config) -> Path:
         num_cycles=config.optim.lr_num_cycles,
         power=config.optim.lr_power,
     )
-    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
+    # the loop moves each batch itself (speed.batch_to_device), leaving the bookkeeping read on the host where it is
+    placement = [None] * len(modules) + [None, False, None]
+    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler, device_placement=placement)
     method.use_prepared_modules(dict(zip(modules, prepared[: len(modules)])))
     optimizer, dataloader, lr_scheduler = prepared[len(modules) :]
     ema = None
@@ -352,6 +354,7 @@ def train(config: Config) -> Path:
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:
+            batch = speed.batch_to_device(batch, accelerator.device, non_blocking=speed.pin_memory(config.data))
             # train.attention_backend: the SDPA kernel of the forward (the backward follows the forward's choice)
             with accelerator.accumulate(*trained_modules), speed.attention_backend(config.train.attention_backend):
                 # forward: the method's loss on this micro-batch (denoising, distillation, reconstruction, ...)

@@ -230,3 +230,38 @@ def test_attention_backend_the_device_cannot_run_is_refused(tiny_sd_dir, caption
         run_training(recipe)
     with pytest.raises(ConfigError, match="train.attention_backend"):  # not one of torch's kernels
         load_config(recipe, ["train.attention_backend=xformers"])
+
+
+def test_batch_bookkeeping_stays_on_the_host():
+    """The loop's batch move leaves the per-example cache keys and seeds on the CPU (a method reads them with
+    .tolist(): from a GPU, that waits for every queued kernel) and moves everything else."""
+    import torch
+
+    from finetune.data import HOST_KEYS, collate_examples
+    from finetune.speed import batch_to_device, host_to_device
+
+    examples = [
+        {"pixel_values": torch.zeros(3, 4, 4), "row": i, "flipped": bool(i), "seed": 7 + i, "label": i, "text": "a"}
+        for i in range(2)
+    ]
+    batch = batch_to_device(collate_examples(examples), torch.device("meta"), non_blocking=False)
+    assert set(HOST_KEYS) == {"row", "flipped", "seed"}
+    assert {key for key, value in batch.items() if getattr(value, "device", None) == torch.device("cpu")} == set(
+        HOST_KEYS
+    )
+    assert batch["pixel_values"].is_meta and batch["label"].is_meta and batch["text"] == ["a", "a"]
+    assert batch["seed"].tolist() == [7, 8]
+    noise = torch.randn(2, 3)
+    moved = host_to_device(noise, torch.device("cpu"), torch.float64)
+    assert moved.dtype == torch.float64 and torch.equal(moved, noise.double())
+    assert host_to_device(noise, torch.device("meta")).is_meta
+
+
+def test_flux_position_ids_are_built_once_per_shape():
+    import torch
+
+    from finetune.families.flux import latent_image_ids
+
+    first = latent_image_ids(8, 6, torch.device("cpu"), torch.float32)
+    assert latent_image_ids(8, 6, torch.device("cpu"), torch.float32) is first
+    assert latent_image_ids(8, 8, torch.device("cpu"), torch.float32).shape == (16, 3)
