@@ -197,8 +197,8 @@ class OptimConfig:
     adamw_implementation: Literal["auto", "fused", "foreach", "for_loop"] = option(
         "auto",
         "torch AdamW's kernels: 'fused' (one kernel for all parameters; CUDA, and CPU in torch >= 2.4), 'foreach' "
-        "(batched per-parameter ops), 'for_loop' (one parameter at a time), or 'auto': fused on a CUDA GPU, torch's "
-        "own choice elsewhere.",
+        "(batched per-parameter ops), 'for_loop' (one parameter at a time), or 'auto': fused on a CUDA GPU, foreach "
+        "elsewhere (torch's own choice on a CPU is the loop: foreach gives the same weights to the bit, faster).",
     )
     lr: float = option(1e-4, "Peak learning rate.")
     scale_lr: bool = option(False, "Multiply lr by the global batch size (per-process batch x processes x accum).")
