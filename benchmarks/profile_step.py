@@ -7,7 +7,8 @@ latents and captions cached in memory) under torch.profiler, in this process.
 Prints the top ops by self CPU time, and the share of the steps' wall time in the UNet's forward, in the backward
 (the UNet's, and the loss's few ops), in the optimizer and in everything else (data, the loss's host work: cache
 lookup, seeded noise and timesteps, text conditioning; LR schedule, logging). Writes a chrome trace (open it in
-chrome://tracing or https://ui.perfetto.dev) to outputs/profile_step/.
+chrome://tracing or https://ui.perfetto.dev) to outputs/profile_step/. On a CUDA GPU it also counts the host syncs
+of the profiled steps (torch.cuda.set_sync_debug_mode) and where they happen: one is expected, the last step's log.
 
 The phases are marked by wrapping the loop's own calls (nothing in finetune/ knows about this script). Figures on a
 shared machine move with its load: the 1-minute load average is printed beside them.
@@ -16,11 +17,13 @@ shared machine move with its load: the 1-minute load average is printed beside t
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -129,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     LoraTextToImage.loss = label(LoraTextToImage.loss, LOSS)
     on_step_end = LoraTextToImage.on_step_end
 
-    def step_end(self, *a, **k):
-        on_step_end(self, *a, **k)
+    def step_end(self, step, *a, **k):
+        on_step_end(self, step, *a, **k)
         profiler.step()
+        if torch.cuda.is_available() and step == args.warmup:  # the profiled steps: report every host sync
+            torch.cuda.set_sync_debug_mode("warn")
 
     LoraTextToImage.on_step_end = step_end
 
@@ -143,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(recipe(work, args.warmup + args.steps, args.set))
         load = os.getloadavg()[0]
         started = time.perf_counter()
-        with profiler:
+        with profiler, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             loop.train(config)
         wall = time.perf_counter() - started
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
 
     args.out.mkdir(parents=True, exist_ok=True)
     trace = args.out / "trace.json"
@@ -155,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     steps = totals["steps"]
     print(f"chrome trace: {trace}")
+    if torch.cuda.is_available():
+        # the last step logs (train.log_every = the run's length), which reads the loss back: one sync expected there
+        syncs = collections.Counter(
+            f"{w.filename}:{w.lineno}" for w in caught if "synchronizing CUDA operation" in str(w.message)
+        )
+        print(f"host syncs in the profiled steps and after them: {sum(syncs.values())}", dict(syncs.most_common(8)))
     if not steps:
         print("no profiled step: raise the run's length (--warmup, --steps)")
         return 1
