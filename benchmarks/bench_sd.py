@@ -272,6 +272,8 @@ def main() -> None:
         "--threads", type=int, default=None, help="OMP/MKL threads of both sides (default: 2 with --peer-scripts)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
+    parser.add_argument("--images", type=int, default=16, help="captioned images (LoRA)")
+    parser.add_argument("--instance-images", type=int, default=5, help="instance images (DreamBooth, TI)")
     parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
@@ -298,10 +300,10 @@ def main() -> None:
         resolution = 512 if args.sd15 else 64
         base = build_sd15(tmp / "sd15") if args.sd15 else make_tiny_sd_pipeline(tmp / "tiny")
         data = tmp / "captioned"
-        for i, image in enumerate(make_test_images(data, 16, size=resolution)):
+        for i, image in enumerate(make_test_images(data, args.images, size=resolution)):
             image.with_suffix(".txt").write_text(f"a toy picture {i}")
         instance = tmp / "instance"
-        make_test_images(instance, 5, size=resolution, seed=1)
+        make_test_images(instance, args.instance_images, size=resolution, seed=1)
         recipes = method_recipes(base, data, instance, resolution)
         peer_images = peer_data(data, tmp / "captioned-imagefolder") if args.peer_scripts else None
         env = thread_env(args.threads)

@@ -59,16 +59,20 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
 
 def attention_backend_runs(name: str, device: torch.device, mixed_precision: str) -> bool:
     """Whether the device runs this SDPA kernel forward and backward in the step's precision: a tiny attention
-    (batch 1, 2 heads, 8 tokens, head dim 64), under the autocast the step uses. torch itself decides (compute
-    capability, dtype, build), so nothing here restates its rules."""
+    (batch 1, 2 heads of 64, 8 tokens) on a linear projection's output, under the autocast the step uses, as in the
+    models (the projection decides the dtype attention sees). torch itself decides (compute capability, dtype,
+    build), so nothing here restates its rules."""
     import warnings
 
     dtype = AUTOCAST_DTYPES.get(mixed_precision)
-    query = torch.randn(1, 2, 8, 64, device=device, requires_grad=True)
+    # constant values: the probe draws nothing from the RNG, so runs with and without it stay alike
+    weight = torch.full((128, 64), 1 / 64, device=device, requires_grad=True)
+    tokens = torch.ones(1, 8, 64, device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     try:
         with warnings.catch_warnings(), autocast, attention_backend(name):
             warnings.simplefilter("ignore")  # torch warns once per refused kernel, with its reason
+            query = torch.nn.functional.linear(tokens, weight).view(1, 8, 2, 64).transpose(1, 2)
             out = torch.nn.functional.scaled_dot_product_attention(query, query, query)
             out.float().sum().backward()
     except RuntimeError:
