@@ -351,7 +351,7 @@ def main() -> None:
                 )
     print(
         f"\n{'the diffusers example scripts' if args.peer_scripts else 'the stand-in reference_sd_step.py'} beside "
-        f"difftune, {args.threads or 'default'} threads, {args.steps} timed steps after {args.warmup}, medians of "
+        f"difftune, {args.threads or 'default'} thread(s), {args.steps} timed steps after {args.warmup}, medians of "
         f"{args.repeats} interleaved runs"
     )
     print_table(

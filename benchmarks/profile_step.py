@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     other = steps - totals["unet_forward"] - totals["backward"] - totals["optimizer"]
     loss_host = totals["loss"] - totals["unet_forward"]
     print(
-        f"{args.steps} profiled steps after {args.warmup}, {args.threads} threads, load {load:.2f} at the start "
+        f"{args.steps} profiled steps after {args.warmup}, {args.threads} thread(s), load {load:.2f} at the start "
         f"(run {wall:.1f} s in all): {steps / args.steps * 1e3:.1f} ms per step"
     )
     rows = [
@@ -189,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, seconds in rows:
         print(f"{name:48s} {seconds / args.steps * 1e3:8.2f} ms  {100 * seconds / steps:5.1f}%")
-    print(f"chrome trace: {trace}")
     return 0
 
 
