@@ -58,10 +58,14 @@ LEVERS = {
     "no_cache": {"lora": {"cache": "none"}, "data": {"num_workers": 4}},
     "adamw_for_loop": {"optim": {"adamw_implementation": "for_loop"}},
     "fp32_frozen": {"train": {"mixed_precision": "no"}},
+    # the SDPA kernel of the step (the baseline's 'auto' lets torch pick, FlashAttention-2 for these shapes in bf16)
+    "attention_cudnn": {"train": {"attention_backend": "cudnn"}},
+    "attention_efficient": {"train": {"attention_backend": "efficient"}},
+    "attention_math": {"train": {"attention_backend": "math"}},
 }
 
-# the default plan's levers: 3 architectures x (4 baselines + 4 levers) = 24 runs, sized for ~10 minutes on one H100
-DEFAULT_LEVERS = ["baseline", "compile", "channels_last", "no_cache", "adamw_for_loop"]
+# the default plan's levers: 3 architectures x (4 baselines + 5 levers) = 27 runs, sized for ~10 minutes on one H100
+DEFAULT_LEVERS = ["baseline", "compile", "channels_last", "no_cache", "adamw_for_loop", "attention_cudnn"]
 
 
 @dataclass

@@ -7,20 +7,43 @@ scripts in FIELD_NOTES.md), and optionally the Stable Diffusion 1.5 architecture
     .venv/bin/python -m benchmarks.bench_sd                 # tiny, CPU
     .venv/bin/python -m benchmarks.bench_sd --sd15 --methods lora --mixed-precision bf16   # on a GPU
     .venv/bin/python -m benchmarks.bench_sd --methods lora --set train.mixed_precision=bf16   # a lever, on a CPU
+
+Beside the real diffusers example scripts (not part of the project; never commit them). Prepare them once, outside
+the checkout, then pass their folder:
+
+    G=<diffusers git dir>; mkdir -p /tmp/peer
+    for f in text_to_image/train_text_to_image_lora.py dreambooth/train_dreambooth_lora.py \
+             textual_inversion/textual_inversion.py; do
+        git --git-dir=$G show HEAD:examples/$f > /tmp/peer/${f##*/}
+    done
+    # + a PIL stand-in package named `torchvision` in /tmp/peer/stub where the real one does not load (peer only)
+
+    .venv/bin/python -m benchmarks.bench_sd --peer-scripts /tmp/peer --peer-stub /tmp/peer/stub \
+        --methods lora dreambooth_lora textual_inversion --steps 35 --repeats 5
+
+The script and difftune (cache=none, cache=memory) take turns, starting one later each repetition; each run prints
+the 1-minute load average before it and the cores other processes kept busy during it (other_cores: figures well
+above 0 are not worth keeping). The peer's steps are timed from its own tqdm bar (benchmarks/bench_sdxl.py), its
+memory is the peak RSS of its process. Both sides run with --threads CPU threads. Without --peer-scripts, the
+stand-in benchmarks/reference_sd_step.py is timed instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.bench_sdxl import OtherLoad, parse_tqdm_steps
 from benchmarks.common import REPO, measure_training, print_table
 
 sys.path.insert(0, str(REPO))
@@ -143,11 +166,114 @@ def measure_reference(name: str, base: Path, data: Path, instance: Path, steps: 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# the diffusers example script of each method, and its command line for the work of method_recipes
+PEER_SCRIPTS = {
+    "lora": "train_text_to_image_lora.py",
+    "dreambooth_lora": "train_dreambooth_lora.py",
+    "textual_inversion": "textual_inversion.py",
+}
+
+
+def peer_command(
+    name: str, args, base: Path, data: Path, instance: Path, resolution: int, batch: int, out: Path
+) -> list[str]:
+    """The script's arguments for the same work as method_recipes[name]: same model, images, resolution, batch,
+    rank 4 (alpha = rank on both sides), lr 1e-4, constant LR, no warm-up, fp32, no validation, no checkpoints."""
+    steps = args.warmup + args.steps
+    command = [args.peer_python, str(Path(args.peer_scripts) / PEER_SCRIPTS[name])]
+    command += [f"--pretrained_model_name_or_path={base}", f"--output_dir={out}", f"--resolution={resolution}"]
+    command += [f"--train_batch_size={batch}", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--seed=0"]
+    command += ["--lr_scheduler=constant", "--lr_warmup_steps=0", "--mixed_precision=no"]
+    command += ["--checkpointing_steps=1000000", "--dataloader_num_workers=0"]
+    if name == "lora":
+        command += [f"--train_data_dir={data}", "--rank=4", "--random_flip"]
+    elif name == "dreambooth_lora":
+        command += [f"--instance_data_dir={instance}", "--instance_prompt=a photo of sks toy", "--rank=4"]
+    else:
+        command += [f"--train_data_dir={instance}", "--placeholder_token=<sks>", "--initializer_token=toy"]
+        command += ["--learnable_property=object", "--save_steps=1000000"]
+    return command
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Both sides: the same CPU threads, and no Hub calls (every model is a local folder)."""
+    env = {"HF_HUB_OFFLINE": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def measure_peer(name: str, args, base: Path, data: Path, instance: Path, resolution: int, batch: int) -> dict:
+    """Run the diffusers example script in a fresh process: median seconds per step after the warm-up, from its own
+    tqdm bar (a line per step: tqdm's TQDM_* environment defaults; the script runs unmodified), and its peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        env = {**os.environ, **thread_env(args.threads)}
+        env.update(TQDM_MININTERVAL="0", TQDM_MINITERS="1", TQDM_SMOOTHING="1")
+        if args.peer_stub:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_stub, env.get("PYTHONPATH")) if p)
+        command = peer_command(name, args, base, data, instance, resolution, batch, out)
+        started = time.perf_counter()
+        with open(Path(tmp) / "stderr.txt", "w") as err:
+            process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (Popen.wait would drop it)
+        wall = time.perf_counter() - started
+        stderr = (Path(tmp) / "stderr.txt").read_text(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{PEER_SCRIPTS[name]} failed:\n{stderr[-3000:]}")
+    seconds = parse_tqdm_steps(stderr)
+    steady = [s for step, s in seconds.items() if step > args.warmup]
+    if len(steady) < args.steps:
+        raise RuntimeError(f"read {len(steady)} timed steps from {PEER_SCRIPTS[name]}'s bar, expected {args.steps}")
+    return {
+        "s_per_step": statistics.median(steady),
+        "peak_memory_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "wall_s": wall,
+    }
+
+
+def peer_data(data: Path, folder: Path) -> Path:
+    """The captioned images as a `datasets` image folder (metadata.jsonl), what train_text_to_image_lora.py reads;
+    difftune reads the .txt captions beside the images of `data`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for image in sorted(data.glob("*.png")):
+        shutil.copy(image, folder / image.name)
+        lines.append(json.dumps({"file_name": image.name, "text": image.with_suffix(".txt").read_text()}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def difftune_recipe(recipe: dict, cache: str, batch: int, args) -> dict:
+    """method_recipes' recipe with this run's cache mode, batch, precision and --set overrides."""
+    recipe = json.loads(json.dumps(recipe))
+    recipe.setdefault(recipe["method"], {})["cache"] = cache
+    recipe["train"]["train_batch_size"] = batch
+    if args.mixed_precision:
+        recipe["train"]["mixed_precision"] = args.mixed_precision
+    for override in args.set:
+        dotted, _, value = override.partition("=")
+        section, _, key = dotted.partition(".")
+        recipe.setdefault(section, {})[key] = yaml.safe_load(value)
+    return recipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "textual_inversion", "dreambooth"])
-    parser.add_argument("--steps", type=int, default=15, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps after the warm-up steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first is the slowest)")
+    parser.add_argument(
+        "--peer-scripts", help="folder holding the diffusers example scripts (see above): time them, not the stand-in"
+    )
+    parser.add_argument("--peer-stub", help="folder holding a torchvision stand-in (on the peer's PYTHONPATH only)")
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter of the peer scripts")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP/MKL threads of both sides (default: 2 with --peer-scripts)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
+    parser.add_argument("--images", type=int, default=16, help="captioned images (LoRA)")
+    parser.add_argument("--instance-images", type=int, default=5, help="instance images (DreamBooth, TI)")
     parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
@@ -160,58 +286,74 @@ def main() -> None:
         "data.num_workers=2 train.compile=true (YAML values)",
     )
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 2 if args.peer_scripts else 0
+    if args.peer_scripts:
+        missing = [
+            f for n, f in PEER_SCRIPTS.items() if n in args.methods and not (Path(args.peer_scripts) / f).is_file()
+        ]
+        if missing:
+            parser.error(f"--peer-scripts {args.peer_scripts} lacks {', '.join(missing)} (see the module docstring)")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         resolution = 512 if args.sd15 else 64
         base = build_sd15(tmp / "sd15") if args.sd15 else make_tiny_sd_pipeline(tmp / "tiny")
         data = tmp / "captioned"
-        for i, image in enumerate(make_test_images(data, 16, size=resolution)):
+        for i, image in enumerate(make_test_images(data, args.images, size=resolution)):
             image.with_suffix(".txt").write_text(f"a toy picture {i}")
         instance = tmp / "instance"
-        make_test_images(instance, 5, size=resolution, seed=1)
+        make_test_images(instance, args.instance_images, size=resolution, seed=1)
         recipes = method_recipes(base, data, instance, resolution)
+        peer_images = peer_data(data, tmp / "captioned-imagefolder") if args.peer_scripts else None
+        env = thread_env(args.threads)
         rows = []
         for name in args.methods:
-            # the reference and both cache modes take turns, so a slow minute of the machine hits all of them
-            with_reference = not args.sd15 and name in REFERENCE_BATCH
-            samples: dict[str, list[dict]] = {"reference": [], "none": [], "memory": []}
-            for _ in range(args.repeats):
-                if with_reference:
-                    samples["reference"].append(measure_reference(name, base, data, instance, args.steps))
-                for cache in ("none", "memory"):
-                    recipe = json.loads(json.dumps(recipes[name]))
-                    recipe.setdefault(recipe["method"], {})["cache"] = cache
-                    if args.sd15:
-                        recipe["train"]["train_batch_size"] = 1
-                    if args.mixed_precision:
-                        recipe["train"]["mixed_precision"] = args.mixed_precision
-                    for override in args.set:
-                        key, _, value = override.partition("=")
-                        section, _, name = key.partition(".")
-                        recipe.setdefault(section, {})[name] = yaml.safe_load(value)
-                    samples[cache].append(measure_training(recipe, steps=args.steps, warmup_steps=3))
-                    print(name, cache, samples[cache][-1], flush=True)
-            reference = statistics.median(r["s_per_step"] for r in samples["reference"]) if with_reference else None
-            reference_memory = (
-                statistics.median(r["peak_memory_mb"] for r in samples["reference"]) if with_reference else None
-            )
+            batch = 1 if args.sd15 else recipes[name]["train"]["train_batch_size"]
+            # the script (or its stand-in) and both cache modes take turns, starting one later every repetition, so a
+            # slow minute of the machine hits all of them
+            with_script = not args.sd15 and name in (PEER_SCRIPTS if args.peer_scripts else REFERENCE_BATCH)
+            configs = (["script"] if with_script else []) + ["none", "memory"]
+            samples: dict[str, list[dict]] = {config: [] for config in configs}
+            for repeat in range(args.repeats):
+                for config in configs[repeat % len(configs) :] + configs[: repeat % len(configs)]:
+                    load = os.getloadavg()[0]
+                    with OtherLoad() as others:
+                        if config == "script" and args.peer_scripts:
+                            result = measure_peer(name, args, base, peer_images, instance, resolution, batch)
+                        elif config == "script":
+                            result = measure_reference(name, base, data, instance, args.steps)
+                        else:
+                            recipe = difftune_recipe(recipes[name], config, batch, args)
+                            result = measure_training(recipe, steps=args.steps, warmup_steps=args.warmup, env=env)
+                    result.update(load1=load, other_cores=others.cores)
+                    samples[config].append(result)
+                    print(f"repeat {repeat + 1} {name} {config}: load {load:.2f} ->", result, flush=True)
+            script = samples.get("script")
+            reference = statistics.median(r["s_per_step"] for r in script) if script else None
+            reference_memory = statistics.median(r["peak_memory_mb"] for r in script) if script else None
             for cache in ("none", "memory"):
                 s_per_step = statistics.median(r["s_per_step"] for r in samples[cache])
                 rows.append(
                     {
                         "method": name,
-                        "batch": recipes[name]["train"]["train_batch_size"] if not args.sd15 else 1,
+                        "batch": batch,
                         "cache": cache,
                         "s_per_step": s_per_step,
                         "peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in samples[cache]),
                         "script_s_per_step": reference,
                         "speedup_vs_script": reference / s_per_step if reference else None,
                         "script_peak_mb": reference_memory,
+                        "load1": statistics.median(r["load1"] for runs in samples.values() for r in runs),
+                        "other_cores": statistics.median(r["other_cores"] for runs in samples.values() for r in runs),
                         "field_notes_s_per_step": None if args.sd15 else REFERENCE_S_PER_STEP.get(name),
                     }
                 )
-    print()
+    print(
+        f"\n{'the diffusers example scripts' if args.peer_scripts else 'the stand-in reference_sd_step.py'} beside "
+        f"difftune, {args.threads or 'default'} thread(s), {args.steps} timed steps after {args.warmup}, medians of "
+        f"{args.repeats} interleaved runs"
+    )
     print_table(
         rows,
         [
@@ -223,6 +365,8 @@ def main() -> None:
             "speedup_vs_script",
             "peak_memory_mb",
             "script_peak_mb",
+            "load1",
+            "other_cores",
             "field_notes_s_per_step",
         ],
     )

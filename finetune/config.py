@@ -197,8 +197,8 @@ class OptimConfig:
     adamw_implementation: Literal["auto", "fused", "foreach", "for_loop"] = option(
         "auto",
         "torch AdamW's kernels: 'fused' (one kernel for all parameters; CUDA, and CPU in torch >= 2.4), 'foreach' "
-        "(batched per-parameter ops), 'for_loop' (one parameter at a time), or 'auto': fused on a CUDA GPU, torch's "
-        "own choice elsewhere.",
+        "(batched per-parameter ops), 'for_loop' (one parameter at a time), or 'auto': fused on a CUDA GPU, foreach "
+        "elsewhere (torch's own choice on a CPU is the loop: foreach gives the same weights to the bit, faster).",
     )
     lr: float = option(1e-4, "Peak learning rate.")
     scale_lr: bool = option(False, "Multiply lr by the global batch size (per-process batch x processes x accum).")
@@ -332,6 +332,13 @@ class TrainConfig:
     channels_last: bool = option(
         False,
         "Keep the denoiser's convolution weights and activations in channels-last memory order (GPU tensor cores).",
+    )
+    attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = option(
+        "auto",
+        "torch's scaled-dot-product attention kernel for the training step: 'auto' (torch picks per call), 'math' "
+        "(plain matmuls, any device and dtype), 'flash' (FlashAttention-2: CUDA fp16/bf16, sm80+; also a CPU "
+        "kernel), 'efficient' (memory-efficient attention, CUDA), 'cudnn' (cuDNN attention, CUDA sm80+). A kernel the "
+        "device cannot run with this mixed precision is refused before the models load.",
     )
     log_every: int = option(10, "Log loss and lr every N optimizer steps.")
     sample_every: int = option(0, "Write a sample grid every N steps (0: only at the end; -1: never).")

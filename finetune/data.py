@@ -1081,6 +1081,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         return example
 
 
+# per-example bookkeeping a method reads on the host (the latent cache's keys, the seeds of the example's noise):
+# the loop leaves these batch entries on the CPU (finetune.speed.batch_to_device)
+HOST_KEYS = ("row", "flipped", "seed")
+
+
 def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors, turn numbers into tensors, keep strings and other values as lists."""
     batch: dict[str, Any] = {}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune import diffusion
+from finetune.speed import host_to_device
 
 
 class DDPMObjective:
@@ -24,9 +25,10 @@ class DDPMObjective:
     def noised(self, clean: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, eps) from each example's own seed: identical across resumes and process counts."""
         generators = diffusion.example_generators(seeds)
-        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:]), self.noise_offset).to(clean.device)
+        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:]), self.noise_offset)
+        noise = host_to_device(noise, clean.device)
         timesteps = diffusion.seeded_timesteps(generators, self.noise_scheduler.config.num_train_timesteps)
-        timesteps = timesteps.to(clean.device)
+        timesteps = host_to_device(timesteps, clean.device)
         return self.noise_scheduler.add_noise(clean, noise, timesteps), timesteps, noise
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -99,8 +101,8 @@ class FlowMatchingObjective:
         sigmas = diffusion.seeded_flow_sigmas(
             generators, self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale
         )
-        sigmas = self.shifted(sigmas, clean).to(clean.device)
-        noise = diffusion.seeded_noise(generators, tuple(clean.shape[1:])).to(clean.device)
+        sigmas = host_to_device(self.shifted(sigmas, clean), clean.device)
+        noise = host_to_device(diffusion.seeded_noise(generators, tuple(clean.shape[1:])), clean.device)
         return diffusion.rectified_flow_interpolant(clean, noise, sigmas), sigmas * self.num_train_timesteps, noise
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

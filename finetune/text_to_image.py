@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune import atomic, diffusion
+from finetune import atomic, diffusion, speed
 from finetune import latent_cache as lc
 from finetune.config import Config, ConfigError, option
 from finetune.data import TrainingExamples, build_image_source
@@ -616,7 +616,7 @@ class TextToImageMethod(Method):
         if self.cache is not None:
             keys = zip(batch["row"].tolist(), batch["flipped"].tolist())
             moments = [self.cache.moments[(row, bool(flip))] for row, flip in keys]
-            return torch.stack(moments).to(self.device, torch.float32)
+            return speed.host_to_device(torch.stack(moments), self.device, torch.float32)
         with torch.no_grad():
             pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
             return self.vae.encode(pixels).latent_dist.parameters.float()
@@ -625,7 +625,7 @@ class TextToImageMethod(Method):
         # sample the VAE posterior with the example's own seed, so cached and uncached runs see the same latents
         mean, logvar = self.latent_moments(batch).chunk(2, dim=1)
         generators = diffusion.example_generators(batch["seed"] + 1)
-        eps = diffusion.seeded_noise(generators, tuple(mean.shape[1:])).to(mean.device)
+        eps = speed.host_to_device(diffusion.seeded_noise(generators, tuple(mean.shape[1:])), mean.device)
         latents = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
@@ -633,7 +633,7 @@ class TextToImageMethod(Method):
     def text_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.cache is not None and self.cache.text:
             rows = [self.cache.text[text] for text in batch["text"]]
-            return {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
+            return {key: speed.host_to_device(torch.stack([row[key] for row in rows]), self.device) for key in rows[0]}
         if self.text_encoder_trains:
             return self.encode_text(batch["text"])
         with torch.no_grad():

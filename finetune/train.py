@@ -161,7 +161,9 @@ def train(config: Config) -> Path:
             f"the launcher started {launched} processes but they did not join one process group: each would train "
             "alone and write the same files. On CPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
         )
-    speed.check_mixed_precision(accelerator.mixed_precision, accelerator.device, config)  # before anything loads
+    # before anything loads: the precision and the attention kernel the device really runs
+    speed.check_mixed_precision(accelerator.mixed_precision, accelerator.device, config)
+    speed.check_attention_backend(config.train.attention_backend, accelerator.device, accelerator.mixed_precision)
     resume_path = ckpt.resolve_resume(config.checkpoint.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         check_output_dir(output_dir, resuming=resume_path is not None)
@@ -253,7 +255,9 @@ def train(config: Config) -> Path:
         num_cycles=config.optim.lr_num_cycles,
         power=config.optim.lr_power,
     )
-    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler)
+    # the loop moves each batch itself (speed.batch_to_device), leaving the bookkeeping read on the host where it is
+    placement = [None] * len(modules) + [None, False, None]
+    prepared = accelerator.prepare(*modules.values(), optimizer, dataloader, lr_scheduler, device_placement=placement)
     method.use_prepared_modules(dict(zip(modules, prepared[: len(modules)])))
     optimizer, dataloader, lr_scheduler = prepared[len(modules) :]
     ema = None
@@ -350,7 +354,9 @@ def train(config: Config) -> Path:
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:
-            with accelerator.accumulate(*trained_modules):
+            batch = speed.batch_to_device(batch, accelerator.device, non_blocking=speed.pin_memory(config.data))
+            # train.attention_backend: the SDPA kernel of the forward (the backward follows the forward's choice)
+            with accelerator.accumulate(*trained_modules), speed.attention_backend(config.train.attention_backend):
                 # forward: the method's loss on this micro-batch (denoising, distillation, reconstruction, ...)
                 loss, extra_logs = method.loss(batch)
                 # backward, clip, step: gradients are averaged over processes and accumulated micro-batches

@@ -5,6 +5,7 @@ scale as an input. Timesteps are sigmas, shifted by the image's sequence length 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -28,8 +29,11 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return latents.reshape(b, channels // 4, height, width)
 
 
+@functools.lru_cache(maxsize=16)
 def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
-    """[(H/2)(W/2), 3] position ids (0, row, column) of the packed tokens (FluxPipeline._prepare_latent_image_ids)."""
+    """[(H/2)(W/2), 3] position ids (0, row, column) of the packed tokens (FluxPipeline._prepare_latent_image_ids).
+    Built once per latent size, device and dtype: they are the same every step, and building them on the host meant
+    a blocking copy to the GPU every step. Callers must not modify the tensor in place (the transformer does not)."""
     ids = torch.zeros(height // 2, width // 2, 3)
     ids[..., 1] = torch.arange(height // 2)[:, None]
     ids[..., 2] = torch.arange(width // 2)[None, :]
