@@ -127,12 +127,23 @@ def _describe(source: Any, index: int) -> str:
     return f"example {index}"
 
 
+def process_split() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of a launched job; (0, 1) outside one (tests, `difftune plan`,
+    a job before its Accelerator exists)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def find_unreadable_images(
     sources: Sequence[Any], num_threads: int = 8, max_pixels: int | None = None
 ) -> list[tuple[int, str, str]]:
     """Check every image (`imaging.check_image`: PNG chunks verified, JPEG decoded at 1/8 scale, other formats
     decoded); return (index, name, reason) for the ones that cannot be read (or, with `max_pixels`, are too large:
-    their reason starts with 'too large'). The main process shows a bar (images/s, ETA) and logs start and end."""
+    their reason starts with 'too large'), in index order. With N processes each checks every N-th image (its share)
+    and the findings are gathered (accelerate's `gather_object`), so every process returns the same list: every
+    process must call this, with the same sources. The main process shows a bar over its share (images/s, ETA) and
+    logs start and end."""
     import time
 
     from finetune.imaging import check_image
@@ -148,15 +159,23 @@ def find_unreadable_images(
         except Exception as err:  # noqa: BLE001 - any decoding failure means: skip this file
             return index, _describe(source, index), f"{type(err).__name__}: {err}"
 
-    main = _is_main_process()
+    rank, world = process_split()
+    main = rank == 0
+    share = [(index, sources[index]) for index in range(rank, len(sources), world)]  # interleaved: even in any order
     if main:
-        logger.info("data: verifying %d images (data.verify_images)", len(sources))
+        on = f" on {world} processes ({len(share)} on each)" if world > 1 else ""
+        logger.info("data: verifying %d images (data.verify_images)%s", len(sources), on)
     start, found = time.perf_counter(), []
-    with ThreadPoolExecutor(max_workers=num_threads) as pool, progress_bar(len(sources), "verifying", main) as bar:
-        for bad in pool.map(check, enumerate(sources)):
+    description = "verifying" if world == 1 else f"verifying (this process's 1/{world})"
+    with ThreadPoolExecutor(max_workers=num_threads) as pool, progress_bar(len(share), description, main) as bar:
+        for bad in pool.map(check, share):
             bar.update(1)
             if bad is not None:
                 found.append(bad)
+    if world > 1:  # every process gets every process's findings: all of them keep the same examples
+        from accelerate.utils import gather_object
+
+        found = sorted(gather_object(found))
     if main:
         logger.info(
             "data: verified %s, %d unreadable or too large",

@@ -3,6 +3,7 @@ invocations form one job across "machines" on loopback, and fault drills (SIGKIL
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -265,3 +266,62 @@ def test_processes_that_do_not_join_one_group_are_stopped(tmp_path):
     )  # no ACCELERATE_USE_CPU: accelerate would start two lone processes
     assert result.returncode != 0
     assert "did not join one process group" in result.stderr + result.stdout
+
+
+VERIFY_SCRIPT = """
+import json, logging, sys
+from pathlib import Path
+from accelerate import Accelerator
+from finetune import imaging
+from finetune.config import DataConfig
+from finetune.data import build_image_source
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+accelerator = Accelerator(cpu=True)
+checked, check_image = [], imaging.check_image
+
+def counting_check(source, max_pixels=None):
+    checked.append(Path(source).name)
+    return check_image(source, max_pixels)
+
+imaging.check_image = counting_check  # (find_unreadable_images looks it up when it runs)
+source = build_image_source(DataConfig(dataset=sys.argv[1], resolution=8))
+names = [Path(source.image_sources[row]).name for row in source.indices]
+result = {"names": names, "skipped": [[Path(n).name, reason] for _, n, reason in source.skipped], "checked": checked}
+Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+"""
+
+
+def test_two_processes_verify_half_the_images_each_and_keep_the_same_examples(tmp_path):
+    """data.verify_images with 2 processes: each checks its share, and both keep exactly the examples (and skip the
+    files) of a 1-process run; the unreadable files are reported once, by the main process."""
+    from tests.test_data import write_good_and_bad_images
+
+    good = write_good_and_bad_images(tmp_path / "images")
+    script = tmp_path / "verify.py"
+    script.write_text(VERIFY_SCRIPT)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    script_env = {**env(), "PYTHONPATH": str(REPO)}  # (a script outside the checkout imports this checkout's code)
+    single = subprocess.run(
+        [PYTHON, str(script), str(tmp_path / "images"), str(tmp_path / "one")],
+        cwd=REPO, env=script_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run(
+        [*two_cpu_processes_launch(), str(script), str(tmp_path / "images"), str(tmp_path / "two")],
+        cwd=REPO, env=script_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(one["names"]) == sorted(good) and len(one["skipped"]) == 3, one
+    for rank in ranks:
+        assert rank["names"] == one["names"], "both processes keep the 1-process examples, in the same order"
+        assert rank["skipped"] == one["skipped"], "and skip the same files for the same reasons"
+    shares = [set(rank["checked"]) for rank in ranks]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(one["checked"]), "each image checked once"
+    assert len(one["checked"]) == 9 and sorted(len(share) for share in shares) == [4, 5]
+    assert "on 2 processes" in double.stderr
+    assert double.stderr.count("skipped 3 unreadable image(s)") == 1, "reported once, by the main process"
+    assert single.stderr.count("skipped 3 unreadable image(s)") == 1
