@@ -77,7 +77,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch_ddpm(tmp_path):
 
 
 LORA_FAMILIES = {
-    # the sharded disk cache (4 shards of one image): each process encodes two, both read all four
+    # the sharded disk caches (4 shards of one image, 2 of captions): each process encodes its share, both read all
     "sd": (make_tiny_sd_pipeline, {"cache": "disk", "cache_shard_mb": 0.04}),
     # both text encoders' LoRA train (wrapped by DDP each) and the latents come from the cache
     "sdxl": (make_tiny_sdxl_pipeline, {"train_text_encoder": True, "cache": "memory", "text_encoder_lr": 5e-4}),
@@ -127,17 +127,19 @@ def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path, fam
     # last landed commit gave 1.37e-5 here on this machine's CPU kernels; a wrong split of the data moves weights by
     # whole steps (~1e-3)
     assert_same_tensors(safetensors_in(tmp_path / "two"), safetensors_in(reference), atol=5e-5)
-    if options.get("cache") == "disk":  # the 2-process cache is the 1-process one
+    if options.get("cache") == "disk":  # the 2-process caches (latents, text) are the 1-process ones
         assert "encoding 4 images on 2 process(es)" in result.stderr
-        (one,), (two,) = (
-            (tmp_path / "one" / ".cache").glob("latents-*"),
-            (tmp_path / "two" / ".cache").glob("latents-*"),
-        )
-        names = sorted(p.name for p in one.iterdir())
-        assert one.name == two.name and sorted(p.name for p in two.iterdir()) == names and len(names) == 4
-        for name in names:
-            assert shard_metadata(one / name) == shard_metadata(two / name)
-            assert_same_tensors(load_file(one / name), load_file(two / name), atol=0)
+        assert "encoding 5 captions on 2 process(es)" in result.stderr  # (4 captions and the empty prompt)
+        for cache, shards in (("latents", 4), ("text", 2)):  # (text: 4 captions of 77 x 32 fp32 per 0.04 MB)
+            (one,), (two,) = (
+                (tmp_path / "one" / ".cache").glob(f"{cache}-*"),
+                (tmp_path / "two" / ".cache").glob(f"{cache}-*"),
+            )
+            names = sorted(p.name for p in one.iterdir())
+            assert one.name == two.name and sorted(p.name for p in two.iterdir()) == names and len(names) == shards
+            for name in names:
+                assert shard_metadata(one / name) == shard_metadata(two / name)
+                assert_same_tensors(load_file(one / name), load_file(two / name), atol=0)
 
 
 def test_two_machines_on_loopback_and_a_rank_that_dies(tmp_path):

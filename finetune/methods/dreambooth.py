@@ -336,14 +336,14 @@ class DreamBooth(TextToImageMethod):
         return self.options.instance_prompt or (self.all_captions() or ["a photo"])[0]
 
     def cache_fingerprint(self) -> str:
+        """The latents' fingerprint, and which images they are: the instance folder and the class images. The prompts
+        (instance, class, captions) change only the text conditioning: they are in its fingerprint (the texts), so a
+        new instance_prompt re-encodes the text and keeps the latents."""
         source = self.train_dataset.source
         class_files = [p.name for p in source.classes.image_sources] if hasattr(source, "classes") else []
         key = [
             super().cache_fingerprint(),
             str(self.instance_folder.resolve()),
-            self.options.instance_prompt,
-            self.options.use_captions,
-            self.options.class_prompt,
             str(self.class_dir.resolve()) if class_files else None,
             class_files,
         ]
