@@ -70,8 +70,8 @@ class TextToImageOptions(InpaintingMaskOptions):
     )
     cache_shard_mb: float = option(
         128.0,
-        "Disk cache: the most a shard file holds (MB, and at most 1024 images); each is written as it fills and "
-        "kept if the run is killed.",
+        "Disk cache: the most a shard file holds (MB, and at most 1024 images or captions: latents and text "
+        "conditioning have shards of their own); each is written as it fills and kept if the run is killed.",
     )
     caption_dropout: float = option(
         0.0, "Probability of training on the empty prompt, so classifier-free guidance keeps working."
