@@ -36,7 +36,14 @@ from finetune.buckets import Bucket, BucketPlan, bucket_name, cover_geometry
 from finetune.conditioning import ConditioningImages, listed_conditioning_files
 from finetune.config import ConfigError, DataConfig
 from finetune.errors import RunError
-from finetune.imaging import EXIF_ORIENTATION, IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_mode  # live there
+from finetune.imaging import (  # (to_mode and others are imported from here too: they live there)
+    EXIF_ORIENTATION,
+    IMAGE_EXTENSIONS,
+    ImageTooLarge,
+    open_image,
+    record_path,
+    to_mode,
+)
 from finetune.masks import LossMasks, is_loss_mask_file
 
 logger = logging.getLogger(__name__)
@@ -136,15 +143,47 @@ def process_split() -> tuple[int, int]:
     return 0, 1
 
 
+def file_state(source: Any) -> tuple[str, list[int]] | None:
+    """(path, [size, modification time in ns]) of an image record that is a file; None for bytes or a missing file."""
+    path = record_path(source)
+    if path is None or (isinstance(source, dict) and source.get("bytes")):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return path, [stat.st_size, stat.st_mtime_ns]
+
+
+def read_verified(memo: Path | None, max_pixels: int | None) -> dict[str, list]:
+    """What earlier runs' verification found (`find_unreadable_images`' memo): path -> [size, mtime_ns, reason or
+    None]; {} without a memo, or for one made with another data.max_image_pixels (its 'too large' verdicts)."""
+    if memo is None:
+        return {}
+    try:
+        saved = json.loads(memo.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: everything is checked (and the memo rewritten)
+        return {}
+    if not isinstance(saved, dict) or saved.get("max_image_pixels") != max_pixels:
+        return {}
+    files = saved.get("files")
+    return files if isinstance(files, dict) else {}
+
+
 def find_unreadable_images(
-    sources: Sequence[Any], num_threads: int = 8, max_pixels: int | None = None
+    sources: Sequence[Any], num_threads: int = 8, max_pixels: int | None = None, memo: Path | None = None
 ) -> list[tuple[int, str, str]]:
     """Check every image (`imaging.check_image`: PNG chunks verified, JPEG decoded at 1/8 scale, other formats
     decoded); return (index, name, reason) for the ones that cannot be read (or, with `max_pixels`, are too large:
     their reason starts with 'too large'), in index order. With N processes each checks every N-th image (its share)
     and the findings are gathered (accelerate's `gather_object`), so every process returns the same list: every
     process must call this, with the same sources. The main process shows a bar over its share (images/s, ETA) and
-    logs start and end."""
+    logs start and end.
+
+    With a `memo` file (a disk cache's folder), a file whose size and modification time are those it had when it was
+    last checked keeps that verdict without being opened (the proxy the caches' fingerprints, `datasets` and kohya
+    use for "unchanged"): a reused cache of 100k images does not re-read 100k headers. The main process rewrites the
+    memo when anything was checked."""
     import time
 
     from finetune.imaging import check_image
@@ -160,8 +199,23 @@ def find_unreadable_images(
         except Exception as err:  # noqa: BLE001 - any decoding failure means: skip this file
             return index, _describe(source, index), f"{type(err).__name__}: {err}"
 
-    def check_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, str, str]]:
-        return [bad for bad in map(check, chunk) if bad is not None]
+    known = read_verified(memo, max_pixels)
+
+    def check_chunk(chunk: list[tuple[int, Any]]) -> tuple[list[tuple[int, str, str]], dict[str, list], int]:
+        """The chunk's findings, its files' new memo entries, and how many were checked (not known unchanged)."""
+        found, entries, checked = [], {}, 0
+        for index, source in chunk:
+            state = file_state(source) if memo is not None else None
+            before = known.get(state[0]) if state is not None else None
+            if before is not None and before[:2] == state[1]:
+                bad = None if before[2] is None else (index, _describe(source, index), before[2])
+            else:
+                bad, checked = check((index, source)), checked + 1
+                if state is not None:
+                    entries[state[0]] = [*state[1], None if bad is None else bad[2]]
+            if bad is not None:
+                found.append(bad)
+        return found, entries, checked
 
     rank, world = process_split()
     main = rank == 0
@@ -169,25 +223,38 @@ def find_unreadable_images(
     if main:
         on = f" on {world} processes ({len(share)} on each)" if world > 1 else ""
         logger.info("data: verifying %d images (data.verify_images)%s", len(sources), on)
-    start, found = time.perf_counter(), []
+    start, found, entries, checked = time.perf_counter(), [], {}, 0
     description = "verifying" if world == 1 else f"verifying (this process's 1/{world})"
     # in chunks: a small PNG checks in ~0.1 ms, about what a thread pool's future costs (threads still help where the
     # decoder releases the GIL: JPEGs, large files)
     chunks = [share[first : first + VERIFY_CHUNK] for first in range(0, len(share), VERIFY_CHUNK)]
     with ThreadPoolExecutor(max_workers=num_threads) as pool, progress_bar(len(share), description, main) as bar:
-        for chunk, bad in zip(chunks, pool.map(check_chunk, chunks)):
+        for chunk, (bad, new, count) in zip(chunks, pool.map(check_chunk, chunks)):
             bar.update(len(chunk))
             found += bad
+            entries.update(new)
+            checked += count
     if world > 1:  # every process gets every process's findings: all of them keep the same examples
         from accelerate.utils import gather_object
 
-        found = sorted(gather_object(found))
+        gathered = gather_object([(found, entries, checked)])
+        found = sorted(bad for part, _, _ in gathered for bad in part)
+        entries = {path: entry for _, part, _ in gathered for path, entry in part.items()}
+        checked = sum(count for _, _, count in gathered)
     if main:
+        unchanged = f", {len(sources) - checked} unchanged since they were last checked" if memo is not None else ""
         logger.info(
-            "data: verified %s, %d unreadable or too large",
+            "data: verified %s, %d unreadable or too large%s",
             format_rate(len(sources), time.perf_counter() - start),
             len(found),
+            unchanged,
         )
+        if memo is not None and entries:
+            from finetune import atomic
+
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            saved = {"max_image_pixels": max_pixels, "files": {**known, **entries}}
+            atomic.atomic_write_text(memo, json.dumps(saved), then="run the training again")
     return found
 
 
@@ -749,6 +816,7 @@ class ImageRecords(torch.utils.data.Dataset):
         columns: Sequence[str] = (),
         source: str = "",
         report: DataReport | None = None,
+        verify_memo: Path | None = None,
     ):
         source = source or config.dataset
         require_columns(records, {config.image_column: "data.image_column"}, source)
@@ -779,7 +847,7 @@ class ImageRecords(torch.utils.data.Dataset):
         self.row_buckets: dict[int, Bucket] | None = None  # row -> bucket (w, h) once `use_buckets` has run
         if config.verify_images:
             found = find_unreadable_images(
-                [self.image_sources[i] for i in self.indices], max_pixels=config.max_image_pixels
+                [self.image_sources[i] for i in self.indices], max_pixels=config.max_image_pixels, memo=verify_memo
             )
             found = [(self.indices[i], name, reason) for i, name, reason in found]
             self.too_large = [bad for bad in found if bad[2].startswith("too large")]
@@ -1148,10 +1216,15 @@ def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_image_source(
-    config: DataConfig, columns: Sequence[str] = (), channels: int | None = None, exclude_labels: Sequence[int] = ()
+    config: DataConfig,
+    columns: Sequence[str] = (),
+    channels: int | None = None,
+    exclude_labels: Sequence[int] = (),
+    verify_memo: Path | None = None,
 ):
     """The training images named by `data.dataset`: the digits (without the classes in `exclude_labels`) or an image
-    folder / Hub dataset."""
+    folder / Hub dataset. `verify_memo`: the file where data.verify_images keeps its verdicts between runs (see
+    `find_unreadable_images`)."""
     if config.dataset == "digits":
         return DigitsRecords(config, exclude_labels=exclude_labels)
     channels = channels or config.channels or 3
@@ -1162,7 +1235,9 @@ def build_image_source(
     if report is None:  # a Hub dataset: its captions / labels are checked here, at start
         report = DataReport(config.dataset, total=len(records), uses_captions=config.caption_column in columns)
         check_dataset_columns(records, config, columns, report)
-    return ImageRecords(records, config, channels, columns, source=config.dataset, report=report)
+    return ImageRecords(
+        records, config, channels, columns, source=config.dataset, report=report, verify_memo=verify_memo
+    )
 
 
 def _column_option(config: DataConfig, column: str) -> str:

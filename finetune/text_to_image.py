@@ -159,7 +159,21 @@ class TextToImageMethod(Method):
     def build_source(self):
         """Images with a caption column (the LoRA / fine-tuning data), and the mask column when masks are listed."""
         columns = [self.config.data.caption_column, *self.mask_columns()]
-        return build_image_source(self.config.data, columns=columns)
+        return build_image_source(self.config.data, columns=columns, verify_memo=self.verify_memo)
+
+    @property
+    def verify_memo(self) -> Path | None:
+        """With a disk cache, data.verify_images keeps its verdicts in it (`verified-images.json`, one per
+        data.max_image_pixels: its 'too large' verdicts): a reused cache's run opens only the images changed since
+        (their size or modification time)."""
+        if getattr(self.options, "cache", "none") != "disk":
+            return None
+        limit = self.config.data.max_image_pixels
+        return self.cache_dir / ("verified-images.json" if limit is None else f"verified-images-max{limit}.json")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
 
     def mask_columns(self) -> list[str]:
         return [self.options.mask_column] if self.options.mask_column else []
@@ -390,7 +404,7 @@ class TextToImageMethod(Method):
     def before_training(self, ema) -> None:
         if self.options.cache == "none":
             return
-        cache_dir = Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
+        cache_dir = self.cache_dir
         if self.options.cache == "disk":
             cache = LatentCache(self.disk_moments(cache_dir))
         else:

@@ -287,7 +287,8 @@ def counting_check(source, max_pixels=None):
     return check_image(source, max_pixels)
 
 imaging.check_image = counting_check  # (find_unreadable_images looks it up when it runs)
-source = build_image_source(DataConfig(dataset=sys.argv[1], resolution=8))
+memo = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+source = build_image_source(DataConfig(dataset=sys.argv[1], resolution=8), verify_memo=memo)
 names = [Path(source.image_sources[row]).name for row in source.indices]
 result = {"names": names, "skipped": [[Path(n).name, reason] for _, n, reason in source.skipped], "checked": checked}
 Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
@@ -296,27 +297,33 @@ Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps
 
 def test_two_processes_verify_half_the_images_each_and_keep_the_same_examples(tmp_path):
     """data.verify_images with 2 processes: each checks its share, and both keep exactly the examples (and skip the
-    files) of a 1-process run; the unreadable files are reported once, by the main process."""
+    files) of a 1-process run; the unreadable files are reported once, by the main process. With a memo (a disk
+    cache's), the main process keeps both shares' verdicts: the next 2-process run opens no file."""
     from tests.test_data import write_good_and_bad_images
 
     good = write_good_and_bad_images(tmp_path / "images")
     script = tmp_path / "verify.py"
     script.write_text(VERIFY_SCRIPT)
     (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
     script_env = {**env(), "PYTHONPATH": str(REPO)}  # (a script outside the checkout imports this checkout's code)
     single = subprocess.run(
         [PYTHON, str(script), str(tmp_path / "images"), str(tmp_path / "one")],
         cwd=REPO, env=script_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run(
-        [*two_cpu_processes_launch(), str(script), str(tmp_path / "images"), str(tmp_path / "two")],
-        cwd=REPO, env=script_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert double.returncode == 0, double.stderr[-3000:]
+    memo = tmp_path / "cache" / "verified-images.json"
+
+    def two_processes(folder):
+        (tmp_path / folder).mkdir()
+        result = subprocess.run(
+            [*two_cpu_processes_launch(), str(script), str(tmp_path / "images"), str(tmp_path / folder), str(memo)],
+            cwd=REPO, env=script_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result, [json.loads((tmp_path / folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    double, ranks = two_processes("two")
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(one["names"]) == sorted(good) and len(one["skipped"]) == 3, one
     for rank in ranks:
         assert rank["names"] == one["names"], "both processes keep the 1-process examples, in the same order"
@@ -327,3 +334,7 @@ def test_two_processes_verify_half_the_images_each_and_keep_the_same_examples(tm
     assert "on 2 processes" in double.stderr
     assert double.stderr.count("skipped 3 unreadable image(s)") == 1, "reported once, by the main process"
     assert single.stderr.count("skipped 3 unreadable image(s)") == 1
+    again, ranks = two_processes("again")
+    for rank in ranks:
+        assert rank["checked"] == [] and rank["names"] == one["names"] and rank["skipped"] == one["skipped"]
+    assert "9 unchanged since they were last checked" in again.stderr

@@ -245,7 +245,9 @@ class DreamBooth(TextToImageMethod):
                     f"{section}: column {column!r} not found in {str(folder)!r} (columns: "
                     f"{', '.join(records.column_names)}). {hint}"
                 )
-        instance = ImageRecords(records, data, channels=3, columns=columns, source=str(folder))
+        instance = ImageRecords(
+            records, data, channels=3, columns=columns, source=str(folder), verify_memo=self.verify_memo
+        )
         self.skipped_instance_files = {
             "not images": [str(p.relative_to(folder)) for p in not_images],
             "unreadable": [Path(name).name for _, name, _ in instance.skipped],
