@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from finetune.data import TrainingExamples, build_image_source
 from finetune.families import local_family, pipeline_class_name, resolve_family
 from finetune.families.base import Family
 from finetune.imaging import record_path
-from finetune.latent_cache import LatentCache
+from finetune.latent_cache import LatentCache, tokenizer_identity
 from finetune.masks import InpaintingMaskOptions, InpaintingMasks, find_user_masks, pixel_loss_weights
 from finetune.methods.base import Method, eval_mode
 from finetune.objectives import batch_weights, combined_weights, weighted_mse
@@ -69,8 +70,8 @@ class TextToImageOptions(InpaintingMaskOptions):
     )
     cache_shard_mb: float = option(
         128.0,
-        "Disk cache: the most a shard file holds (MB, and at most 1024 images); each is written as it fills and "
-        "kept if the run is killed.",
+        "Disk cache: the most a shard file holds (MB, and at most 1024 images or captions: latents and text "
+        "conditioning have shards of their own); each is written as it fills and kept if the run is killed.",
     )
     caption_dropout: float = option(
         0.0, "Probability of training on the empty prompt, so classifier-free guidance keeps working."
@@ -158,7 +159,21 @@ class TextToImageMethod(Method):
     def build_source(self):
         """Images with a caption column (the LoRA / fine-tuning data), and the mask column when masks are listed."""
         columns = [self.config.data.caption_column, *self.mask_columns()]
-        return build_image_source(self.config.data, columns=columns)
+        return build_image_source(self.config.data, columns=columns, verify_memo=self.verify_memo)
+
+    @property
+    def verify_memo(self) -> Path | None:
+        """With a disk cache, data.verify_images keeps its verdicts in it (`verified-images.json`, one per
+        data.max_image_pixels: its 'too large' verdicts): a reused cache's run opens only the images changed since
+        (their size or modification time)."""
+        if getattr(self.options, "cache", "none") != "disk":
+            return None
+        limit = self.config.data.max_image_pixels
+        return self.cache_dir / ("verified-images.json" if limit is None else f"verified-images-max{limit}.json")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
 
     def mask_columns(self) -> list[str]:
         return [self.options.mask_column] if self.options.mask_column else []
@@ -389,7 +404,7 @@ class TextToImageMethod(Method):
     def before_training(self, ema) -> None:
         if self.options.cache == "none":
             return
-        cache_dir = Path(self.options.cache_dir or Path(self.config.train.output_dir) / ".cache")
+        cache_dir = self.cache_dir
         if self.options.cache == "disk":
             cache = LatentCache(self.disk_moments(cache_dir))
         else:
@@ -471,34 +486,74 @@ class TextToImageMethod(Method):
         side = self.config.data.resolution // factor
         return [per_value * side * side] * len(source)
 
-    def text_cache(self, cache_dir: Path | None) -> dict[str, dict[str, torch.Tensor]]:
-        """Every caption's conditioning (and the empty prompt's), from `text-<fingerprint>.safetensors` in the disk
-        cache when it is there (the main process writes it)."""
+    def text_cache(self, cache_dir: Path | None) -> MutableMapping[str, dict[str, torch.Tensor]]:
+        """Every caption's conditioning (and the empty prompt's): in memory (each process encodes them all), or with
+        a disk cache, the sharded `text-<fingerprint>/` folder, written and read as the latents are (`disk_texts`)."""
         texts = sorted({""} | set(self.all_captions()))
-        path = None
         if cache_dir is not None:
-            fingerprint = self.text_fingerprint(texts)
-            path = cache_dir / f"text-{fingerprint[:16]}.safetensors"
-        with self.accelerator.main_process_first():
-            text = LatentCache.load_text(path, fingerprint) if path is not None else None
-            if text is None:
-                start = time.perf_counter()
-                text = {}
-                for first in range(0, len(texts), TEXT_BATCH):  # in batches: 100k captions one by one take hours
-                    chunk = texts[first : first + TEXT_BATCH]
-                    encoded = self.encode_text(chunk)
-                    for i, t in enumerate(chunk):
-                        text[t] = {key: value[i].cpu().clone() for key, value in encoded.items()}
-                if self.accelerator.is_main_process:
-                    logger.info("cache: encoded %d captions in %.1f s", len(texts), time.perf_counter() - start)
-                if path is not None and self.accelerator.is_main_process:
-                    cache = LatentCache()
-                    cache.text = text
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    cache.save_text(path, fingerprint)
-            elif self.accelerator.is_main_process:
-                logger.info("cache: %d captions' conditioning read from %s", len(texts), path)
+            return self.disk_texts(cache_dir, texts)
+        main = self.accelerator.is_main_process
+        start, text = time.perf_counter(), {}
+        for first in range(0, len(texts), TEXT_BATCH):  # in batches: 100k captions one by one take hours
+            chunk = texts[first : first + TEXT_BATCH]
+            encoded = self.encode_text(chunk)
+            for i, t in enumerate(chunk):
+                text[t] = {key: value[i].cpu().clone() for key, value in encoded.items()}
+        if main:
+            rate = lc.format_rate(len(texts), time.perf_counter() - start, "captions")
+            logger.info("cache: encoded %s (in memory)", rate)
         return text
+
+    def disk_texts(self, cache_dir: Path, texts: list[str]) -> lc.ShardedTexts:
+        """The sharded text cache: captions (sorted) planned into shards of at most cache_shard_mb, the shards not on
+        disk yet encoded (each process its share), then every process reads all of them lazily (`ShardedTexts`):
+        at Stable Diffusion's sizes (77 x 768 fp32 per caption) 100k captions are 23 GB, which no process holds."""
+        accelerator = self.accelerator
+        fingerprint = self.text_fingerprint(texts)
+        folder = cache_dir / f"text-{fingerprint[:16]}"
+        sample = self.encode_text([""])  # every caption's conditioning has the same shapes: one says the size
+        text_bytes = sum(value[0].numel() * value.element_size() for value in sample.values())
+        shards = lc.plan_shards([text_bytes] * len(texts), int(self.options.cache_shard_mb * 2**20))
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temporaries(folder)  # a killed run's half-written shard
+        accelerator.wait_for_everyone()
+
+        def encode_captions(positions: list[int]):
+            for first in range(0, len(positions), TEXT_BATCH):  # in batches: 100k captions one by one take hours
+                chunk = positions[first : first + TEXT_BATCH]
+                encoded = self.encode_text([texts[p] for p in chunk])
+                named = {
+                    lc.text_key(p, key): value[i].cpu().contiguous()
+                    for i, p in enumerate(chunk)
+                    for key, value in encoded.items()
+                }
+                yield named, len(chunk)
+
+        start = time.perf_counter()
+        done = lc.write_tensor_shards(
+            folder,
+            shards,
+            fingerprint,
+            encode_captions,
+            accelerator.process_index,
+            accelerator.num_processes,
+            progress=self.config.train.progress_bar,
+            what="text conditioning",
+            unit="captions",
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            logger.info(
+                "cache: encoded %s on %d process(es), %d of %d shards reused; %s holds %.1f MB",
+                lc.format_rate(done["images"], time.perf_counter() - start, "captions"),
+                accelerator.num_processes,
+                done["reused"],
+                done["shards"],
+                folder,
+                lc.disk_size(folder) / 1e6,
+            )
+        return lc.ShardedTexts(folder, shards, texts)
 
     @torch.no_grad()
     def free_text_encoders(self) -> None:
@@ -551,13 +606,15 @@ class TextToImageMethod(Method):
         return lc.digest(key)
 
     def text_fingerprint(self, texts: list[str]) -> str:
-        """Everything that changes the cached text conditioning: the text encoders (the base model, which of them)
-        and the texts."""
+        """Everything that changes the cached text conditioning: the text encoders (the base model, which of them,
+        their configs, weights and dtype), the tokenizers (vocabulary, max length) and the texts: prompts and
+        captions, which is why they are not in the latents' fingerprint."""
         model = self.config.model
         key = {
             "model": [model.pretrained_model_name_or_path, model.revision, sorted(model.drop_text_encoders)],
             "family": self.family.name,
-            "encoders": {name: lc.module_config(m) for name, m in self.text_encoders.items()},
+            "encoders": {name: lc.module_digest(m) for name, m in self.text_encoders.items()},
+            "tokenizers": {name: tokenizer_identity(getattr(self, name, None)) for name in self.family.tokenizers},
             "dtype": str(self.weight_dtype),
             "texts": lc.digest(texts),
         }

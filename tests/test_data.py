@@ -188,3 +188,40 @@ def test_training_on_an_image_folder_end_to_end(tmp_path):
 
     images = DDPMPipeline.from_pretrained(out)(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+
+
+def test_verification_keeps_its_verdicts_for_unchanged_files(tmp_path, monkeypatch):
+    """With a memo (a disk cache's verified-images.json), a file whose size and modification time are unchanged is
+    not opened again; a rewritten one is, and a damaged one is found; another pixel limit checks everything."""
+    from pathlib import Path
+
+    from finetune import imaging
+    from finetune.data import find_unreadable_images
+
+    write_good_and_bad_images(tmp_path / "images")
+    files = sorted(str(p) for p in (tmp_path / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    checked, check_image = [], imaging.check_image
+
+    def counting_check(source, max_pixels=None):
+        checked.append(Path(source).name)
+        return check_image(source, max_pixels)
+
+    monkeypatch.setattr(imaging, "check_image", counting_check)
+    memo = tmp_path / "cache" / "verified-images.json"
+    first = find_unreadable_images(files, memo=memo)
+    assert len(checked) == len(files) == 9 and len(first) == 3 and memo.is_file()
+    checked.clear()
+    assert find_unreadable_images(files, memo=memo) == first and checked == [], "nothing opened, the same verdicts"
+    assert find_unreadable_images(files) == first and len(checked) == 9, "(without the memo: everything checked)"
+
+    checked.clear()
+    rgb = tmp_path / "images" / "rgb.png"
+    rgb.write_bytes(rgb.read_bytes()[:70])  # damaged in place: another size and modification time
+    again = find_unreadable_images(files, memo=memo)
+    assert checked == ["rgb.png"] and sorted(Path(n).name for _, n, _ in again) == sorted(
+        ["rgb.png", *(Path(n).name for _, n, _ in first)]
+    )
+    checked.clear()
+    assert find_unreadable_images(files, memo=memo) == again and checked == []
+    find_unreadable_images(files, max_pixels=10**6, memo=memo)
+    assert len(checked) == 9, "the verdicts of another data.max_image_pixels are not reused"

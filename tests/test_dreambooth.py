@@ -198,3 +198,30 @@ def test_non_images_in_the_instance_folder_are_skipped_and_counted(tiny_sd_dir, 
     (folder / "image_001.txt").write_text("a photo of a toy")
     with pytest.raises(ConfigError, match="1 caption.* do not contain the trigger 'sks' \\(image_001.png\\)"):
         captioned.build_source()
+
+
+def test_a_new_instance_prompt_re_encodes_the_text_and_keeps_the_latent_shards(tiny_sd_dir, instance_dir, tmp_path):
+    """The prompts are in the text cache's fingerprint, not the latents': the shards are not even rewritten."""
+    cache = tmp_path / "cache"
+
+    def cached(prompt: str) -> DreamBooth:
+        options = {"instance_prompt": prompt, "trigger": "sks", "cache": "disk", "cache_dir": str(cache)}
+        method = set_up(load_config(recipe(tiny_sd_dir, instance_dir, tmp_path / "run", **options)))
+        method.before_training(None)
+        return method
+
+    def files(prefix: str) -> dict[str, tuple[int, int]]:
+        return {
+            str(p.relative_to(cache)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in cache.glob(f"{prefix}-*/*.safetensors")
+        }
+
+    first = cached(PROMPT)
+    latents, texts = files("latents"), files("text")
+    assert latents and texts
+    second = cached("a sks toy on a table")
+    assert files("latents") == latents, "the latent shards are kept as they are (same inode, same mtime)"
+    new_texts = {name: stat for name, stat in files("text").items() if name not in texts}
+    assert new_texts and all(files("text")[name] == stat for name, stat in texts.items())
+    assert first.cache_fingerprint() == second.cache_fingerprint()
+    assert "a sks toy on a table" in second.cache.text and PROMPT not in second.cache.text

@@ -67,6 +67,13 @@ def kill_point(point: str):
         "final move": (os, "replace", second_move, True),
         # the second of three shards is written (under its temporary name), the third not begun
         "disk cache": (lc, "save_file", lambda tensors, path, *a: ".shard-00001.safetensors." in str(path), False),
+        # the text cache's second shard (of four) is written; the latents are all on disk
+        "text cache": (
+            lc,
+            "save_file",
+            lambda tensors, path, *a: "text-" in str(path) and ".shard-00001.safetensors." in str(path),
+            False,
+        ),
     }[point]
 
 
@@ -168,7 +175,7 @@ def test_sigkill_during_a_disk_cache_write_resumes_caching_and_training_exactly(
     recipe = lora_recipe(tiny_sd_dir, data, out)
     recipe["lora"]["cache_shard_mb"] = 0.04
     run_until_killed("disk cache", recipe)
-    (folder,) = (out / ".cache").iterdir()  # (the text cache comes after the latents)
+    (folder,) = (out / ".cache").glob("latents-*")  # (the text cache comes after the latents)
     left = sorted(p.name for p in folder.iterdir())
     assert left[1:] == ["shard-00000.safetensors"] and atomic.is_temporary(left[0]), left
     kept = (folder / "shard-00000.safetensors").stat()
@@ -183,6 +190,46 @@ def test_sigkill_during_a_disk_cache_write_resumes_caching_and_training_exactly(
     names = sorted(p.name for p in expected.iterdir())
     assert sorted(p.name for p in folder.iterdir()) == names and len(names) == 3
     for name in names:  # (the header's metadata is a hash map: its order differs from file to file)
+        assert shard_metadata(folder / name) == shard_metadata(expected / name)
+        assert_same_tensors(load_file(folder / name), load_file(expected / name), atol=0)
+    assert_same_tensors(safetensors_in(resumed), safetensors_in(reference))
+
+
+def test_sigkill_during_a_text_cache_write_resumes_it_without_re_encoding_finished_shards(
+    tiny_sd_dir, tmp_path, caplog
+):
+    """The text cache is sharded as the latents are: killed while writing its second of four shards (one caption
+    each), the next run keeps the first shard and the latents, encodes the other three captions, and ends with the
+    files and the weights of an uninterrupted run."""
+    data = tmp_path / "data"
+    for i, path in enumerate(make_test_images(data, 3, size=64)):
+        path.with_suffix(".txt").write_text(f"a toy {i}")
+    shards = "lora.cache_shard_mb=0.01"  # one image (32 KB) and one caption (77 x 32 fp32: 9.9 KB) per shard
+    reference = run_training(lora_recipe(tiny_sd_dir, data, tmp_path / "reference"), shards)
+    out = tmp_path / "run"
+    recipe = lora_recipe(tiny_sd_dir, data, out)
+    recipe["lora"]["cache_shard_mb"] = 0.01
+    run_until_killed("text cache", recipe)
+    (folder,) = (out / ".cache").glob("text-*")
+    left = sorted(p.name for p in folder.iterdir())
+    assert left[1:] == ["shard-00000.safetensors"] and atomic.is_temporary(left[0]), left
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / ".cache").rglob("shard-*.safetensors")}
+    assert len(before) == 3 + 1, "the latents' three shards and the text's first"
+
+    caplog.set_level(logging.INFO)
+    resumed = run_training(lora_recipe(tiny_sd_dir, data, out), RESUME, shards)
+    assert (
+        "text conditioning of 4 captions" in caplog.text
+        and "4 shard(s), 1 already on disk; encoding 3 captions" in (caplog.text)
+    )
+    assert "3 shard(s), 3 already on disk; encoding 0 images" in caplog.text
+    for path, stat in before.items():
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stat, f"{path.name} was rewritten"
+    (expected,) = (reference / ".cache").glob("text-*")
+    assert folder.name == expected.name
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names and len(names) == 4
+    for name in names:
         assert shard_metadata(folder / name) == shard_metadata(expected / name)
         assert_same_tensors(load_file(folder / name), load_file(expected / name), atol=0)
     assert_same_tensors(safetensors_in(resumed), safetensors_in(reference))

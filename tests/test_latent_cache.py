@@ -1,10 +1,11 @@
-"""The sharded disk cache (finetune/latent_cache.py): shards planned before encoding, 2 processes write what 1
-writes, and a changed setting rebuilds exactly the cache it affects. (A kill mid-cache that resumes: in
-tests/test_front_door_checkpoints.py; sharded = memory = uncached losses: tests/test_lora.py; a real 2-process run
-on the disk cache: tests/test_multiprocess.py.)"""
+"""The sharded disk caches (finetune/latent_cache.py), latents and text: shards planned before encoding, 2 processes
+write what 1 writes, and a changed setting rebuilds exactly the cache it affects. (A kill mid-cache that resumes, for
+each cache: in tests/test_front_door_checkpoints.py; sharded = memory = uncached losses: tests/test_lora.py; a real
+2-process run on the disk caches: tests/test_multiprocess.py; DreamBooth's prompts: tests/test_dreambooth.py.)"""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -67,6 +68,59 @@ def test_two_processes_write_the_shards_one_process_writes_and_each_reads_the_un
     assert calls == [4, 5, 6, 7]
 
 
+def fake_text_encoder(calls: list[int]):
+    """Conditioning that is a function of the caption's position, two named tensors each, in batches of 2."""
+
+    def encode(positions):
+        for start in range(0, len(positions), 2):
+            batch = positions[start : start + 2]
+            calls.extend(batch)
+            named = {}
+            for p in batch:
+                named[lc.text_key(p, "prompt_embeds")] = torch.full((3, 4), float(p))
+                named[lc.text_key(p, "pooled_prompt_embeds")] = torch.full((4,), -float(p))
+            yield named, len(batch)
+
+    return encode
+
+
+def test_text_shards_two_processes_write_what_one_writes_read_lazily_and_resume(tmp_path):
+    texts = sorted({"", *(f"caption {i}" for i in range(9))})
+    shards = lc.plan_shards([48 + 16] * len(texts), shard_bytes=4 * 64)  # 3 shards: 4, 4, 2 captions
+    one_calls, two_calls = [], []
+    lc.write_tensor_shards(tmp_path / "one", shards, "fp", fake_text_encoder(one_calls), progress=False)
+    for rank in (1, 0):
+        lc.write_tensor_shards(tmp_path / "two", shards, "fp", fake_text_encoder(two_calls), rank, 2, progress=False)
+    assert sorted(one_calls) == sorted(two_calls) == list(range(10)), "every caption encoded once"
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 3 and sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+    for name in names:
+        assert lc.shard_metadata(tmp_path / "one" / name) == lc.shard_metadata(tmp_path / "two" / name)
+        assert_same_tensors(load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name), atol=0)
+
+    reader = lc.ShardedTexts(tmp_path / "two", shards, texts)
+    assert not reader.handles, "nothing is opened before a lookup"
+    position = texts.index("caption 5")
+    conditioning = reader["caption 5"]
+    assert sorted(conditioning) == ["pooled_prompt_embeds", "prompt_embeds"]
+    assert torch.equal(conditioning["prompt_embeds"], torch.full((3, 4), float(position)))
+    assert torch.equal(conditioning["pooled_prompt_embeds"], torch.full((4,), -float(position)))
+    assert len(reader.handles) == 1 and "" in reader and "never seen" not in reader and len(reader) == 10
+    reader["a validation prompt"] = {"prompt_embeds": torch.ones(3, 4)}  # (kept in memory beside the shards)
+    assert "a validation prompt" in reader and len(reader) == 11 and set(reader) == {*texts, "a validation prompt"}
+    assert all(reader[t]["prompt_embeds"].shape == (3, 4) for t in texts) and len(reader.handles) <= lc.OPEN_SHARDS
+
+    # a run killed after its first shard: the next one encodes the other two only
+    (tmp_path / "two" / names[1]).unlink()
+    (tmp_path / "two" / names[2]).unlink()
+    kept = (tmp_path / "two" / names[0]).stat()
+    calls = []
+    done = lc.write_tensor_shards(tmp_path / "two", shards, "fp", fake_text_encoder(calls), progress=False)
+    assert done["reused"] == 1 and sorted(calls) == list(range(4, 10))
+    again = (tmp_path / "two" / names[0]).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+
+
 def lora_method(base, data, output_dir, **changes):
     from accelerate import Accelerator
 
@@ -103,7 +157,7 @@ def test_a_changed_setting_rebuilds_exactly_the_cache_it_affects(tiny_sd_dir, tm
         lc_before = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} if out.exists() else {}
         lora_method(base, data, out, **changes).before_training(None)
         latents = "encoding 0 images" not in caplog.text
-        text = "captions' conditioning read from" not in caplog.text
+        text = "encoding 0 captions" not in caplog.text
         after = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
         assert all(after[n] == t for n, t in lc_before.items()), "caches of other settings are left as they are"
         seen[name] = set(after)
@@ -122,8 +176,21 @@ def test_a_changed_setting_rebuilds_exactly_the_cache_it_affects(tiny_sd_dir, tm
     assert cache_after("vae") == "latents"
     (data / "image_000.txt").write_text("a new caption")
     assert cache_after("caption") == "+text", "captions change the text cache only"
+    encoder_file = next((base / "text_encoder").glob("*.safetensors"))
+    weights = load_file(encoder_file)
+    name = next(k for k in weights if k.endswith("token_embedding.weight"))
+    weights[name] = weights[name] * 1.01  # the same path and config, other weights
+    save_file(weights, str(encoder_file))
+    assert cache_after("text encoder") == "+text", "a text encoder changes the text cache only"
+    tokenizer_config = base / "tokenizer" / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings["model_max_length"] = 16  # shorter prompts: other token ids, other conditioning shapes
+    tokenizer_config.write_text(json.dumps(settings))
+    assert cache_after("max length") == "+text", "so does the tokenizer's max length"
     latents = {n for names in seen.values() for n in names if n.startswith("latents-")}
     assert len(latents) == 5, "base, resolution, flip, pixel limit, VAE: one folder each"
+    texts = {n for names in seen.values() for n in names if n.startswith("text-")}
+    assert len(texts) == 4, "base, caption, text encoder, max length: one folder each"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

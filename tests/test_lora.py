@@ -137,9 +137,11 @@ def test_a_lora_on_attention_and_other_modules_loads_every_layer_it_trained(tiny
 
 
 def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_folder, tmp_path):
-    """Uncached, in memory and from the sharded disk cache (shards of 2 images: 3 files): the same loss."""
+    """Uncached, in memory and from the sharded disk caches (shards of 2 images: 3 files; the captions' conditioning
+    in a shard of its own): the same loss."""
     from accelerate import Accelerator
 
+    from finetune import latent_cache as lc
     from finetune.data import collate_examples
     from finetune.methods import get_method_class
 
@@ -154,6 +156,9 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_fold
         method.before_training(None)
         if mode != "none":
             assert len(method.cache.moments) == 12 and "" in method.cache.text  # both flips, the empty prompt
+        if mode == "disk":  # both caches read from their shards, lazily
+            assert isinstance(method.cache.moments, lc.ShardedMoments)
+            assert isinstance(method.cache.text, lc.ShardedTexts) and not method.cache.text.extra
         examples = method.train_dataset
         batch = collate_examples([examples[i] for i in range(6)])
         assert batch["flipped"].any() and not batch["flipped"].all()
@@ -164,6 +169,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_sd, captioned_fold
     assert losses["memory"] == losses["disk"]
     assert losses["disk"] == pytest.approx(losses["none"], rel=1e-5, abs=1e-6)
     assert len(list((tmp_path / "disk" / ".cache").glob("latents-*/shard-*.safetensors"))) == 3
+    assert len(list((tmp_path / "disk" / ".cache").glob("text-*/shard-*.safetensors"))) == 1
 
 
 def test_bad_inputs_fail_before_training(tiny_sd, captioned_folder, tmp_path):

@@ -3,6 +3,7 @@ invocations form one job across "machines" on loopback, and fault drills (SIGKIL
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,7 +77,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch_ddpm(tmp_path):
 
 
 LORA_FAMILIES = {
-    # the sharded disk cache (4 shards of one image): each process encodes two, both read all four
+    # the sharded disk caches (4 shards of one image, 2 of captions): each process encodes its share, both read all
     "sd": (make_tiny_sd_pipeline, {"cache": "disk", "cache_shard_mb": 0.04}),
     # both text encoders' LoRA train (wrapped by DDP each) and the latents come from the cache
     "sdxl": (make_tiny_sdxl_pipeline, {"train_text_encoder": True, "cache": "memory", "text_encoder_lr": 5e-4}),
@@ -126,17 +127,19 @@ def test_two_processes_equal_one_process_with_twice_the_batch_lora(tmp_path, fam
     # last landed commit gave 1.37e-5 here on this machine's CPU kernels; a wrong split of the data moves weights by
     # whole steps (~1e-3)
     assert_same_tensors(safetensors_in(tmp_path / "two"), safetensors_in(reference), atol=5e-5)
-    if options.get("cache") == "disk":  # the 2-process cache is the 1-process one
+    if options.get("cache") == "disk":  # the 2-process caches (latents, text) are the 1-process ones
         assert "encoding 4 images on 2 process(es)" in result.stderr
-        (one,), (two,) = (
-            (tmp_path / "one" / ".cache").glob("latents-*"),
-            (tmp_path / "two" / ".cache").glob("latents-*"),
-        )
-        names = sorted(p.name for p in one.iterdir())
-        assert one.name == two.name and sorted(p.name for p in two.iterdir()) == names and len(names) == 4
-        for name in names:
-            assert shard_metadata(one / name) == shard_metadata(two / name)
-            assert_same_tensors(load_file(one / name), load_file(two / name), atol=0)
+        assert "encoding 5 captions on 2 process(es)" in result.stderr  # (4 captions and the empty prompt)
+        for cache, shards in (("latents", 4), ("text", 2)):  # (text: 4 captions of 77 x 32 fp32 per 0.04 MB)
+            (one,), (two,) = (
+                (tmp_path / "one" / ".cache").glob(f"{cache}-*"),
+                (tmp_path / "two" / ".cache").glob(f"{cache}-*"),
+            )
+            names = sorted(p.name for p in one.iterdir())
+            assert one.name == two.name and sorted(p.name for p in two.iterdir()) == names and len(names) == shards
+            for name in names:
+                assert shard_metadata(one / name) == shard_metadata(two / name)
+                assert_same_tensors(load_file(one / name), load_file(two / name), atol=0)
 
 
 def test_two_machines_on_loopback_and_a_rank_that_dies(tmp_path):
@@ -265,3 +268,73 @@ def test_processes_that_do_not_join_one_group_are_stopped(tmp_path):
     )  # no ACCELERATE_USE_CPU: accelerate would start two lone processes
     assert result.returncode != 0
     assert "did not join one process group" in result.stderr + result.stdout
+
+
+VERIFY_SCRIPT = """
+import json, logging, sys
+from pathlib import Path
+from accelerate import Accelerator
+from finetune import imaging
+from finetune.config import DataConfig
+from finetune.data import build_image_source
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+accelerator = Accelerator(cpu=True)
+checked, check_image = [], imaging.check_image
+
+def counting_check(source, max_pixels=None):
+    checked.append(Path(source).name)
+    return check_image(source, max_pixels)
+
+imaging.check_image = counting_check  # (find_unreadable_images looks it up when it runs)
+memo = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+source = build_image_source(DataConfig(dataset=sys.argv[1], resolution=8), verify_memo=memo)
+names = [Path(source.image_sources[row]).name for row in source.indices]
+result = {"names": names, "skipped": [[Path(n).name, reason] for _, n, reason in source.skipped], "checked": checked}
+Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+"""
+
+
+def test_two_processes_verify_half_the_images_each_and_keep_the_same_examples(tmp_path):
+    """data.verify_images with 2 processes: each checks its share, and both keep exactly the examples (and skip the
+    files) of a 1-process run; the unreadable files are reported once, by the main process. With a memo (a disk
+    cache's), the main process keeps both shares' verdicts: the next 2-process run opens no file."""
+    from tests.test_data import write_good_and_bad_images
+
+    good = write_good_and_bad_images(tmp_path / "images")
+    script = tmp_path / "verify.py"
+    script.write_text(VERIFY_SCRIPT)
+    (tmp_path / "one").mkdir()
+    script_env = {**env(), "PYTHONPATH": str(REPO)}  # (a script outside the checkout imports this checkout's code)
+    single = subprocess.run(
+        [PYTHON, str(script), str(tmp_path / "images"), str(tmp_path / "one")],
+        cwd=REPO, env=script_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    memo = tmp_path / "cache" / "verified-images.json"
+
+    def two_processes(folder):
+        (tmp_path / folder).mkdir()
+        result = subprocess.run(
+            [*two_cpu_processes_launch(), str(script), str(tmp_path / "images"), str(tmp_path / folder), str(memo)],
+            cwd=REPO, env=script_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result, [json.loads((tmp_path / folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    double, ranks = two_processes("two")
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert sorted(one["names"]) == sorted(good) and len(one["skipped"]) == 3, one
+    for rank in ranks:
+        assert rank["names"] == one["names"], "both processes keep the 1-process examples, in the same order"
+        assert rank["skipped"] == one["skipped"], "and skip the same files for the same reasons"
+    shares = [set(rank["checked"]) for rank in ranks]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(one["checked"]), "each image checked once"
+    assert len(one["checked"]) == 9 and sorted(len(share) for share in shares) == [4, 5]
+    assert "on 2 processes" in double.stderr
+    assert double.stderr.count("skipped 3 unreadable image(s)") == 1, "reported once, by the main process"
+    assert single.stderr.count("skipped 3 unreadable image(s)") == 1
+    again, ranks = two_processes("again")
+    for rank in ranks:
+        assert rank["checked"] == [] and rank["names"] == one["names"] and rank["skipped"] == one["skipped"]
+    assert "9 unchanged since they were last checked" in again.stderr

@@ -245,7 +245,9 @@ class DreamBooth(TextToImageMethod):
                     f"{section}: column {column!r} not found in {str(folder)!r} (columns: "
                     f"{', '.join(records.column_names)}). {hint}"
                 )
-        instance = ImageRecords(records, data, channels=3, columns=columns, source=str(folder))
+        instance = ImageRecords(
+            records, data, channels=3, columns=columns, source=str(folder), verify_memo=self.verify_memo
+        )
         self.skipped_instance_files = {
             "not images": [str(p.relative_to(folder)) for p in not_images],
             "unreadable": [Path(name).name for _, name, _ in instance.skipped],
@@ -336,14 +338,14 @@ class DreamBooth(TextToImageMethod):
         return self.options.instance_prompt or (self.all_captions() or ["a photo"])[0]
 
     def cache_fingerprint(self) -> str:
+        """The latents' fingerprint, and which images they are: the instance folder and the class images. The prompts
+        (instance, class, captions) change only the text conditioning: they are in its fingerprint (the texts), so a
+        new instance_prompt re-encodes the text and keeps the latents."""
         source = self.train_dataset.source
         class_files = [p.name for p in source.classes.image_sources] if hasattr(source, "classes") else []
         key = [
             super().cache_fingerprint(),
             str(self.instance_folder.resolve()),
-            self.options.instance_prompt,
-            self.options.use_captions,
-            self.options.class_prompt,
             str(self.class_dir.resolve()) if class_files else None,
             class_files,
         ]

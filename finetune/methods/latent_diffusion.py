@@ -409,8 +409,9 @@ class LatentDiffusion(TextToImageMethod):
         )
 
     def cache_fingerprint(self) -> str:
-        # the latents come from this run's autoencoder, not from a base model: a disk cache must name it
-        key = [super().cache_fingerprint(), str(Path(self.options.vae).resolve()), self.options.max_text_length]
+        # the latents come from this run's autoencoder, not from a base model: a disk cache must name it (the prompt
+        # length changes the text conditioning only: the tokenizer's max length is in the text fingerprint)
+        key = [super().cache_fingerprint(), str(Path(self.options.vae).resolve())]
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def configure_trainable(self) -> None:
