@@ -460,6 +460,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
             raise SystemExit(f"{work} exists: pass --overwrite to replace it, or choose another --work")
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if args.combine:
+        return combine_results(work, args)
     single = len(args.held_out_digits) == 1 and len(args.seeds) == 1
     teach = args.methods is None or any(m != CONTROLNET for m in args.methods)  # (--methods ControlNet: only it)
     # the ControlNet is no teaching method: it runs when named, or in the one-digit one-seed run it always was part of
@@ -509,6 +511,21 @@ def run_benchmark(args: argparse.Namespace) -> str:
     return report
 
 
+def combine_results(work: Path, args: argparse.Namespace) -> str:
+    """One averaged report from the results.json of benchmarks run apart (e.g. one process per held-out digit, to
+    use both cores): their rows, runs and setup times together, the digits and seeds in the order they appear."""
+    rows, runs, setup_times, style_accuracy = [], [], {}, None
+    for folder in args.combine:
+        results = json.loads((Path(folder) / "results.json").read_text())
+        rows += results["rows"]
+        runs += results["runs"]
+        setup_times.update(results["setup_s"])
+        style_accuracy = results.get("style_accuracy", style_accuracy)
+    args.held_out_digits = list(dict.fromkeys(run["held_out"] for run in runs))
+    args.seeds = list(dict.fromkeys(run["seed"] for run in runs))
+    return write_results(work, rows, runs, setup_times, style_accuracy, False, args)
+
+
 def write_results(
     work: Path,
     rows: list[dict],
@@ -535,6 +552,7 @@ def write_results(
         "rows": rows,
         "runs": runs,
         "setup_s": setup_times,
+        "style_accuracy": style_accuracy,
     }
     (work / "results.json").write_text(json.dumps(results, indent=2))
     return report
@@ -951,7 +969,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only write the instance and style folders the digits_teach_*.yaml / digits_style_lora.yaml recipes "
         "train on (make digits-teach-data), then stop",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="WORK",
+        help="train nothing: write one averaged results.md/results.json in --work from these benchmarks' "
+        "results.json (e.g. one process per held-out digit); the sampling settings given here are only reported",
+    )
     args = parser.parse_args(argv)
+    if args.combine and (missing := [w for w in args.combine if not (Path(w) / "results.json").is_file()]):
+        parser.error(f"--combine: no results.json in {', '.join(missing)}; run the benchmark there first")
     # bad input fails here, before any model trains (argparse's error: one line, exit 2)
     if bad := [d for d in args.held_out_digits if d not in range(10)]:
         parser.error(f"--held-out-digits: {bad} are not digits 0-9")

@@ -271,6 +271,10 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
     ]
     assert "held out of training: three" in (cached[1] / "README.md").read_text()
     assert (root / "bench-digits" / "holdout-5-seed-1" / "instance" / "0004.png").is_file()
+    # benchmarks run apart (one process per digit) combine into the same averages: trains nothing
+    combined = root / "bench-digits-combined"
+    bench.run_benchmark(bench.parse_args(["--combine", str(root / "bench-digits"), "--work", str(combined)]))
+    assert json.loads((combined / "results.json").read_text())["summary"] == first["summary"]
     # again (one digit, one seed, one method): the cached miniature is reused, and the same seed gives the same numbers
     second = run(root / "bench-digits-again", "--held-out-digits", "3", "--seeds", "0", "--methods", "LoRA")
     assert second["setup_s"] == {}
