@@ -25,7 +25,7 @@ base model never saw.
     python -m benchmarks.bench_digits_finetune --models unet --held-out-digits 9 3 5 --seeds 0 1   # the average
     python -m benchmarks.bench_digits_finetune --models flow   # one base model only
     python -m benchmarks.bench_digits_finetune --models unet --methods ControlNet   # the ControlNet alone
-    make bench-digits                                     # the average over digits 9 3 5 and seeds 0 1 (UNet)
+    make bench-digits     # the average over digits 9 3 5 and seeds 0 1 (UNet): a process per digit, then --combine
 
 One held-out digit and one seed (the default) writes <work>/results.md (the tables, one column pair per base model),
 <work>/results.json, and <work>/grid_<method>.png (UNet) / <work>/grid_flow_<method>.png (rows: the new token, then
