@@ -125,6 +125,38 @@ def test_latent_diffusion_holds_out_digits_and_writes_captions(tmp_path):
     assert not any("nine" in c or "three" in c for c in captions)
 
 
+def test_holdout_removes_every_example_of_the_held_out_digits(tmp_path):
+    """The data seam the miniature trains from: not one image of a held-out digit is left (compared pixel for pixel
+    with the dataset's images of those digits), and every image of the other digits still is."""
+    from finetune.digits import load_digits_tensors
+    from finetune.methods.latent_diffusion import LatentDiffusion
+    from finetune.recipe import load_config
+
+    config = load_config(
+        RECIPES / "digits_text_to_image.yaml",
+        [f"train.output_dir={tmp_path}", "latent_diffusion.vae=unused", "latent_diffusion.holdout_digits=[3,5]"],
+    )
+    method = LatentDiffusion.__new__(LatentDiffusion)
+    method.config, method.options = config, config.method_options
+    source = method.build_source()
+    rng = np.random.default_rng(0)
+    trained = {source.get(i, rng)["pixel_values"][0].numpy().tobytes() for i in range(len(source))}
+    images, labels = load_digits_tensors(16, "all")
+    held_out = {image[0].numpy().tobytes() for image in images[(labels == 3) | (labels == 5)]}
+    kept = {image[0].numpy().tobytes() for image in images[(labels != 3) & (labels != 5)]}
+    assert held_out and not trained & held_out  # (no held-out digit's pixels equal a kept one's: nothing masked)
+    assert kept <= trained and len(source) == int(((labels != 3) & (labels != 5)).sum())
+
+
+def test_holdout_digits_are_validated(tmp_path):
+    from finetune.config import ConfigError
+    from finetune.recipe import load_config
+
+    common = [f"train.output_dir={tmp_path}", "latent_diffusion.vae=unused"]
+    with pytest.raises(ConfigError, match=r"latent_diffusion.holdout_digits must be digits 0-9, got \[12\]"):
+        load_config(RECIPES / "digits_text_to_image.yaml", [*common, "latent_diffusion.holdout_digits=[3,12]"])
+
+
 def test_unknown_vae_is_a_clear_error(tmp_path):
     from finetune.config import ConfigError
 
@@ -183,6 +215,72 @@ def test_fine_tuning_benchmark_runs_every_method(miniature):
     # the full fine-tune saves a whole pipeline, the adapters a small file
     sizes = {r["method"]: r["size_kb"] for r in rows[1:]}
     assert sizes["DreamBooth"] > 10 * sizes["Textual Inversion"]
+
+
+def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniature):
+    """Two held-out digits (a tiny miniature trained without each, cached and reused) x two seeds, 2 steps per
+    method: one summary row per method with a mean and a spread, the per-digit rows, and a second run that trains no
+    miniature."""
+    from benchmarks import bench_digits_finetune as bench
+
+    root = miniature["root"]
+
+    def run(work: Path, *only: str) -> dict:
+        args = [
+            "--held-out-digits", "3", "5",
+            "--seeds", "0", "1",
+            *only,
+            "--models", "unet",
+            "--vae", str(miniature["vae"]),
+            "--miniatures", str(root / "miniatures"),
+            "--base-overrides", "train.max_train_steps=2", *TINY_LATENT_DIFFUSION, *FAST,
+            "--work", str(work),
+            "--per-prompt", "2",
+            "--steps", "2",
+            "--in-process",
+            "--teach-overrides", "train.max_train_steps=2", *FAST,
+        ]  # fmt: skip
+        report = bench.run_benchmark(bench.parse_args(args))
+        return {"report": report, **json.loads((work / "results.json").read_text())}
+
+    first = run(root / "bench-digits")
+    labels = ["miniature model, no fine-tuning"] + [t.label for t in bench.TEACHINGS] + [bench.STYLE.label]
+    assert [entry["method"] for entry in first["summary"]] == labels  # no ControlNet unless named
+    for entry in first["summary"]:
+        assert entry["runs"] == 4 and entry["held_out_digits"] == [3, 5] and entry["seeds"] == [0, 1]
+        metrics = ["prior_accuracy"] + (["thick_with_trigger"] if entry["method"] == bench.STYLE.label else [])
+        metrics += ["fidelity", "prior_drop"] if entry["method"] in labels[1:-1] else []
+        for metric in metrics:
+            value = entry[metric]
+            assert value["min"] <= value["mean"] <= value["max"] and value["std"] >= 0, (entry["method"], metric)
+            assert 0 <= value["min"] and value["max"] <= 1
+    # each run's fidelity is the fraction read as its own held-out digit
+    rows = [r for r in first["rows"] if r["method"] == "LoRA"]
+    assert sorted((r["held_out"], r["seed"]) for r in rows) == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    assert [(e["method"], e["held_out"]) for e in first["per_digit"][:2]] == [(labels[0], 3), (labels[1], 3)]
+    assert len(first["per_digit"]) == 2 * len(labels)
+    for label in labels:
+        assert f"| {label} |" in first["report"] and f"| {label} | 5 |" in first["report"]
+    assert "[" in first["report"].split(f"| {labels[1]} |")[1].splitlines()[0]  # mean [min–max]
+    # one miniature per digit, trained without it; the runs' instance images are of that digit
+    assert sorted(first["setup_s"]) == ["unet_without_3_s", "unet_without_5_s"]
+    cached = sorted((root / "miniatures").iterdir())
+    assert [folder.name.split("-")[:3] for folder in cached] == [
+        ["unet", "without", "five"],
+        ["unet", "without", "three"],
+    ]
+    assert "held out of training: three" in (cached[1] / "README.md").read_text()
+    assert (root / "bench-digits" / "holdout-5-seed-1" / "instance" / "0004.png").is_file()
+    # benchmarks run apart (one process per digit) combine into the same averages: trains nothing
+    combined = root / "bench-digits-combined"
+    bench.run_benchmark(bench.parse_args(["--combine", str(root / "bench-digits"), "--work", str(combined)]))
+    assert json.loads((combined / "results.json").read_text())["summary"] == first["summary"]
+    # again (one digit, one seed, one method): the cached miniature is reused, and the same seed gives the same numbers
+    second = run(root / "bench-digits-again", "--held-out-digits", "3", "--seeds", "0", "--methods", "LoRA")
+    assert second["setup_s"] == {}
+    assert [(r["method"], r["prior_accuracy"], r.get("fidelity")) for r in second["rows"][:2]] == [
+        (r["method"], r["prior_accuracy"], r.get("fidelity")) for r in first["rows"][:2]
+    ]
 
 
 def test_style_classifier_tells_thick_from_plain():
