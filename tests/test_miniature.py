@@ -218,9 +218,9 @@ def test_fine_tuning_benchmark_runs_every_method(miniature):
 
 
 def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniature):
-    """Two held-out digits (a tiny miniature trained without each, cached and reused) x two seeds, 2 steps per
-    method: one summary row per method with a mean and a spread, the per-digit rows, and a second run that trains no
-    miniature."""
+    """Two held-out digits (a tiny miniature trained without each, cached and reused), 2 steps per method: one summary
+    row per method with a mean and a spread, the per-digit rows, and a second run that trains no miniature. (One seed
+    keeps the suite short: seeds are averaged exactly as digits are, as runs of the same summary.)"""
     from benchmarks import bench_digits_finetune as bench
 
     root = miniature["root"]
@@ -228,7 +228,7 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
     def run(work: Path, *only: str) -> dict:
         args = [
             "--held-out-digits", "3", "5",
-            "--seeds", "0", "1",
+            "--seeds", "0",
             *only,
             "--models", "unet",
             "--vae", str(miniature["vae"]),
@@ -247,7 +247,7 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
     labels = ["miniature model, no fine-tuning"] + [t.label for t in bench.TEACHINGS] + [bench.STYLE.label]
     assert [entry["method"] for entry in first["summary"]] == labels  # no ControlNet unless named
     for entry in first["summary"]:
-        assert entry["runs"] == 4 and entry["held_out_digits"] == [3, 5] and entry["seeds"] == [0, 1]
+        assert entry["runs"] == 2 and entry["held_out_digits"] == [3, 5] and entry["seeds"] == [0]
         metrics = ["prior_accuracy"] + (["thick_with_trigger"] if entry["method"] == bench.STYLE.label else [])
         metrics += ["fidelity", "prior_drop"] if entry["method"] in labels[1:-1] else []
         for metric in metrics:
@@ -256,7 +256,7 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
             assert 0 <= value["min"] and value["max"] <= 1
     # each run's fidelity is the fraction read as its own held-out digit
     rows = [r for r in first["rows"] if r["method"] == "LoRA"]
-    assert sorted((r["held_out"], r["seed"]) for r in rows) == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    assert sorted((r["held_out"], r["seed"]) for r in rows) == [(3, 0), (5, 0)]
     assert [(e["method"], e["held_out"]) for e in first["per_digit"][:2]] == [(labels[0], 3), (labels[1], 3)]
     assert len(first["per_digit"]) == 2 * len(labels)
     for label in labels:
@@ -270,7 +270,7 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
         ["unet", "without", "three"],
     ]
     assert "held out of training: three" in (cached[1] / "README.md").read_text()
-    assert (root / "bench-digits" / "holdout-5-seed-1" / "instance" / "0004.png").is_file()
+    assert (root / "bench-digits" / "holdout-5-seed-0" / "instance" / "0004.png").is_file()
     # benchmarks run apart (one process per digit) combine into the same averages: trains nothing
     combined = root / "bench-digits-combined"
     bench.run_benchmark(bench.parse_args(["--combine", str(root / "bench-digits"), "--work", str(combined)]))
