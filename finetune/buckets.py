@@ -153,7 +153,7 @@ def cover_geometry(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where an image of `size` (w, h) is cut for `bucket` (w, h): the size it is resized to (the smallest that covers
     the bucket, aspect kept) and the crop's (left, top) in it. Random crops draw left, then top, from `rng` (as the
-    square path's `finetune.data.crop_geometry` does)."""
+    square path's `finetune.imaging.crop_geometry` does)."""
     width, height = size
     bucket_w, bucket_h = bucket
     scale = max(bucket_w / width, bucket_h / height)

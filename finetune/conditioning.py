@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from finetune.config import ConfigError
-from finetune.imaging import open_image, record_path
+from finetune.imaging import image_to_tensor, open_image, record_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ class ConditioningImages:
 
     def cut(self, row: int, rng: np.random.Generator, bucket=None) -> torch.Tensor:
         """[3, H, W] in [0, 1], cut exactly as the row's image (`rng`: a copy of the generator before its cut)."""
-        from finetune.data import image_to_tensor
-
         config = self.config
         image = open_image(self.sources[row], config.max_image_pixels)
         resolution, crop, flip = config.resolution, config.center_crop, config.random_flip

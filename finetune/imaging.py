@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+
+from finetune.buckets import Bucket, cover_geometry
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -195,3 +198,77 @@ def pipeline_kind(pipe) -> str:
         f"{type(pipe).__name__} is not a pipeline difftune can run (text-to-image, inpainting, image-to-image, "
         "class-conditional or DDPM/DDIM)"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# an image as a training tensor: cut (square or bucket), flipped, with SDXL's size conditioning
+# ---------------------------------------------------------------------------------------------------------------------
+def crop_geometry(
+    size: tuple[int, int], resolution: int, rng: np.random.Generator, center_crop: bool = True
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where an image of `size` (w, h) is cut: the size it is resized to (short side = resolution) and the crop's
+    (left, top) in it. Random crops draw from `rng` exactly as they always have (left, then top)."""
+    width, height = size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if center_crop:
+        left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+    else:
+        left = int(rng.integers(0, new_size[0] - resolution + 1))
+        top = int(rng.integers(0, new_size[1] - resolution + 1))
+    return new_size, (left, top)
+
+
+def size_conditioning(
+    size: tuple[int, int],
+    new_size: tuple[int, int],
+    corner: tuple[int, int],
+    resolution: int | Bucket,
+    flipped: bool,
+) -> dict[str, torch.Tensor]:
+    """What SDXL's micro-conditioning needs of an example (Podell et al. 2023, section 2.2): the original (h, w), the
+    crop's (top, left) in the resized image (mirrored when the crop is flipped, as the diffusers SDXL script does),
+    and the target (h, w): a `resolution` square, or a bucket's (w, h)."""
+    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    left, top = corner
+    if flipped:
+        left = new_size[0] - left - target_w
+    return {
+        "original_size": torch.tensor([size[1], size[0]]),
+        "crop_top_left": torch.tensor([top, left]),
+        "target_size": torch.tensor([target_h, target_w]),
+    }
+
+
+def image_to_tensor(
+    image: Image.Image,
+    resolution: int,
+    channels: int,
+    rng: np.random.Generator,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    sizes: dict | None = None,
+    bucket: Bucket | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Resize the short side to `resolution`, crop a square, maybe flip; return ([C, R, R] in [-1, 1], flipped).
+    With a bucket (w, h), resize to cover it and crop it instead ([C, h, w]; `finetune.buckets.cover_geometry`).
+    With a dict as `sizes`, it receives the example's size conditioning (`size_conditioning`)."""
+    image = to_mode(image, channels)
+    original = image.size
+    if bucket is None:
+        new_size, (left, top) = crop_geometry(original, resolution, rng, center_crop)
+        target = (resolution, resolution)
+    else:
+        new_size, (left, top) = cover_geometry(original, bucket, rng, center_crop)
+        target = bucket
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    image = image.crop((left, top, left + target[0], top + target[1]))
+    flipped = bool(random_flip and rng.random() < 0.5)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array).unsqueeze(0) if channels == 1 else torch.from_numpy(array).permute(2, 0, 1)
+    if flipped:
+        tensor = tensor.flip(-1)
+    if sizes is not None:
+        sizes.update(size_conditioning(original, new_size, (left, top), bucket or resolution, flipped))
+    return tensor.contiguous(), flipped

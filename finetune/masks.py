@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.config import ConfigError, option
-from finetune.imaging import IMAGE_EXTENSIONS, open_image, record_path
+from finetune.imaging import IMAGE_EXTENSIONS, image_to_tensor, open_image, record_path
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ def load_mask(
 ) -> torch.Tensor:
     """A user mask as [1, R, R] in {0, 1}, resized and centre-cropped like its image (white = 1 = repaint); with
     `size` (w, h), an aspect-ratio bucket's, resized to cover it and centre-cropped to it ([1, h, w])."""
-    from finetune.data import image_to_tensor
-
     bucket = None if size is None or size == (resolution, resolution) else tuple(size)
     rng = np.random.default_rng(0)  # unused: user masks need centre crops, which draw nothing
     pixels, _ = image_to_tensor(open_image(source), resolution, 1, rng, center_crop=True, bucket=bucket)
@@ -212,8 +210,6 @@ class InpaintingMasks:
     def validation_pair(self, records, size: tuple[int, int] | None = None) -> tuple[Image.Image, Image.Image]:
         """The image and mask of the sample grids, cut to `size` (w, h; default the data.resolution square):
         validation_image/mask, or the first training image with its own mask or a centred rectangle."""
-        from finetune.data import image_to_tensor
-
         resolution, options = self.resolution, self.options
         width, height = size or (resolution, resolution)
         bucket = None if (width, height) == (resolution, resolution) else (width, height)
@@ -310,8 +306,6 @@ class LossMasks:
 
     def cut(self, row: int, rng: np.random.Generator, bucket=None) -> torch.Tensor:
         """[1, H, W] in [0, 1], cut exactly as the row's image (`rng`: a copy of the generator before its cut)."""
-        from finetune.data import image_to_tensor
-
         config = self.config
         source = self.sources.get(row)
         if source is None:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from finetune.config import ConfigError, DataConfig
-from finetune.data import TrainingExamples, build_image_source, collate_examples, image_to_tensor, to_mode
+from finetune.data import TrainingExamples, build_image_source, collate_examples
+from finetune.imaging import image_to_tensor, to_mode
 from tests.helpers import run_training, tiny_ddpm_recipe
 
 

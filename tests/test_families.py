@@ -74,8 +74,8 @@ def test_sdxl_time_ids_come_from_each_examples_own_size_and_crop(bases):
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from finetune.data import image_to_tensor
     from finetune.families.sdxl import add_time_ids
+    from finetune.imaging import image_to_tensor
 
     image = Image.new("RGB", (100, 60), (10, 20, 30))
     by_flip: dict = {}

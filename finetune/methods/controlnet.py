@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from finetune.config import Config, ConfigError, option
-from finetune.data import build_image_source, image_to_tensor
+from finetune.data import build_image_source
 from finetune.families import family_names, get_family
-from finetune.imaging import open_image
+from finetune.imaging import image_to_tensor, open_image
 from finetune.masks import tensor_to_image
 from finetune.text_to_image import TextToImageMethod, TextToImageOptions
 
