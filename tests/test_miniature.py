@@ -107,16 +107,26 @@ def test_latent_diffusion_folder_samples_in_plain_diffusers(miniature):
     assert "held out of training: nine" in card
 
 
-def test_latent_diffusion_holds_out_digits_and_writes_captions(tmp_path):
+def miniature_method(output_dir, holdout_digits: str):
+    """The UNet miniature's method as its recipe configures it (no VAE loaded): its data seam, without training."""
     from finetune.methods.latent_diffusion import LatentDiffusion
     from finetune.recipe import load_config
 
     config = load_config(
         RECIPES / "digits_text_to_image.yaml",
-        [f"train.output_dir={tmp_path}", "latent_diffusion.vae=unused", "latent_diffusion.holdout_digits=[9,3]"],
+        [
+            f"train.output_dir={output_dir}",
+            "latent_diffusion.vae=unused",
+            f"latent_diffusion.holdout_digits={holdout_digits}",
+        ],
     )
     method = LatentDiffusion.__new__(LatentDiffusion)
     method.config, method.options = config, config.method_options
+    return method
+
+
+def test_latent_diffusion_holds_out_digits_and_writes_captions(tmp_path):
+    method = miniature_method(tmp_path, "[9,3]")
     source = method.build_source()
     assert 9 not in source.labels.tolist() and 3 not in source.labels.tolist() and len(source) > 1000
     assert source.get(0, np.random.default_rng(0))["pixel_values"].shape[0] == 3  # gray as RGB (data.channels=3)
@@ -129,16 +139,8 @@ def test_holdout_removes_every_example_of_the_held_out_digits(tmp_path):
     """The data seam the miniature trains from: not one image of a held-out digit is left (compared pixel for pixel
     with the dataset's images of those digits), and every image of the other digits still is."""
     from finetune.digits import load_digits_tensors
-    from finetune.methods.latent_diffusion import LatentDiffusion
-    from finetune.recipe import load_config
 
-    config = load_config(
-        RECIPES / "digits_text_to_image.yaml",
-        [f"train.output_dir={tmp_path}", "latent_diffusion.vae=unused", "latent_diffusion.holdout_digits=[3,5]"],
-    )
-    method = LatentDiffusion.__new__(LatentDiffusion)
-    method.config, method.options = config, config.method_options
-    source = method.build_source()
+    source = miniature_method(tmp_path, "[3,5]").build_source()
     rng = np.random.default_rng(0)
     trained = {source.get(i, rng)["pixel_values"][0].numpy().tobytes() for i in range(len(source))}
     images, labels = load_digits_tensors(16, "all")
