@@ -18,7 +18,7 @@ def test_one_extension_list_shared_by_every_reader():
     assert {".gif", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp", ".bmp"} == imaging.IMAGE_EXTENSIONS
     for module in (data, dreambooth, masks, evaluate):
         assert module.IMAGE_EXTENSIONS is imaging.IMAGE_EXTENSIONS, module.__name__
-    for name in ("IMAGE_EXTENSIONS", "open_image", "to_mode", "ImageTooLarge", "EXIF_ORIENTATION"):
+    for name in ("IMAGE_EXTENSIONS", "open_image", "image_to_tensor", "ImageTooLarge", "EXIF_ORIENTATION"):
         assert getattr(data, name) is getattr(imaging, name), name
     assert imaging.is_image_file("a/B.PNG") and imaging.is_image_file("x.tif") and imaging.is_image_file("x.gif")
     assert not imaging.is_image_file("metadata.jsonl") and not imaging.is_image_file("png")
