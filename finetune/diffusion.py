@@ -19,7 +19,7 @@ __all__ = [
 
 def shifted_cosine_log_snr(t: torch.Tensor, shift: float) -> torch.Tensor:
     """log SNR(t) = -2 log tan(pi t / 2) + 2 log(shift): the cosine schedule shifted for resolution (Hoogeboom et al.
-    2023, "simple diffusion", eq. 4 with shift = 64 / d; shift > 1 keeps more signal at every t, for small images)."""
+    2023, "simple diffusion": shift = 64 / d for d px images over 64; shift > 1 keeps more signal at every t)."""
     return -2.0 * torch.log(torch.tan(math.pi * t / 2)) + 2.0 * math.log(shift)
 
 
