@@ -26,6 +26,11 @@ the 1-minute load average before it and the cores other processes kept busy duri
 above 0 are not worth keeping). The peer's steps are timed from its own tqdm bar (benchmarks/bench_sdxl.py), its
 memory is the peak RSS of its process. Both sides run with --threads CPU threads. Without --peer-scripts, the
 stand-in benchmarks/reference_sd_step.py is timed instead.
+
+With --split both sides run under benchmarks/step_split.py, which times the same library calls in each (VAE encode,
+text encoder forward and backward, UNet forward and backward, optimizer, clipping, data, Textual Inversion's row
+restore, the rest) and prints each one's ms per step, in process CPU time (comparable under load at --threads 1)
+and in wall time.
 """
 
 from __future__ import annotations
@@ -203,33 +208,52 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
+def split_launcher(python: str, out: Path) -> list[str]:
+    """The interpreter running a side under benchmarks.step_split, which writes the step's split to `out`."""
+    return [python, "-m", "benchmarks.step_split", str(out)]
+
+
+def read_split(out: Path) -> dict:
+    """step_split's means (ms per step, wall and CPU) of a finished run."""
+    means = json.loads(out.read_text()).get("mean_s", {})
+    return {clock: {part: 1e3 * seconds for part, seconds in parts.items()} for clock, parts in means.items()}
+
+
 def measure_peer(name: str, args, base: Path, data: Path, instance: Path, resolution: int, batch: int) -> dict:
     """Run the diffusers example script in a fresh process: median seconds per step after the warm-up, from its own
-    tqdm bar (a line per step: tqdm's TQDM_* environment defaults; the script runs unmodified), and its peak RSS."""
+    tqdm bar (a line per step: tqdm's TQDM_* environment defaults; the script runs unmodified), and its peak RSS.
+    With --split, under benchmarks.step_split (the repository on its PYTHONPATH for that module alone)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         env = {**os.environ, **thread_env(args.threads)}
         env.update(TQDM_MININTERVAL="0", TQDM_MINITERS="1", TQDM_SMOOTHING="1")
-        if args.peer_stub:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_stub, env.get("PYTHONPATH")) if p)
+        paths = [args.peer_stub, str(REPO) if args.split else None, env.get("PYTHONPATH")]
+        if any(paths[:2]):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         command = peer_command(name, args, base, data, instance, resolution, batch, out)
+        if args.split:
+            env["STEP_SPLIT_WARMUP"] = str(args.warmup)
+            command = split_launcher(command[0], Path(tmp) / "split.json") + command[1:]
         started = time.perf_counter()
         with open(Path(tmp) / "stderr.txt", "w") as err:
             process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=err)
             _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (Popen.wait would drop it)
         wall = time.perf_counter() - started
         stderr = (Path(tmp) / "stderr.txt").read_text(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+        done = os.waitstatus_to_exitcode(status) == 0
+        split = read_split(Path(tmp) / "split.json") if args.split and done else None
+    if not done:
         raise RuntimeError(f"{PEER_SCRIPTS[name]} failed:\n{stderr[-3000:]}")
     seconds = parse_tqdm_steps(stderr)
     steady = [s for step, s in seconds.items() if step > args.warmup]
     if len(steady) < args.steps:
         raise RuntimeError(f"read {len(steady)} timed steps from {PEER_SCRIPTS[name]}'s bar, expected {args.steps}")
-    return {
+    result = {
         "s_per_step": statistics.median(steady),
         "peak_memory_mb": usage.ru_maxrss / 1024,  # KiB on Linux
         "wall_s": wall,
     }
+    return {**result, "split": split} if split else result
 
 
 def peer_data(data: Path, folder: Path) -> Path:
@@ -258,6 +282,38 @@ def difftune_recipe(recipe: dict, cache: str, batch: int, args) -> dict:
     return recipe
 
 
+def measure_split_training(recipe: dict, args, env: dict, tmp: Path) -> dict:
+    """difftune's run (benchmarks.common.measure_training), under benchmarks.step_split with --split."""
+    if not args.split:
+        return measure_training(recipe, steps=args.steps, warmup_steps=args.warmup, env=env)
+    out = tmp / "split.json"
+    launcher = split_launcher(sys.executable, out)
+    env = {**env, "STEP_SPLIT_WARMUP": str(args.warmup)}
+    result = measure_training(recipe, steps=args.steps, warmup_steps=args.warmup, launcher=launcher, env=env)
+    return {**result, "split": read_split(out)}
+
+
+def print_split(name: str, samples: dict[str, list[dict]]) -> None:
+    """Each side's median ms per step of every component over the runs, wall and CPU, and its share of the step."""
+    from benchmarks.step_split import COMPONENTS
+
+    for clock in ("cpu", "wall"):
+        print(f"\n{name}: ms per step by component ({clock} time, median over runs; share of the step)")
+        rows = []
+        for config, runs in samples.items():
+            splits = [r["split"][clock] for r in runs if r.get("split")]
+            if not splits:
+                continue
+            medians = {part: statistics.median(s.get(part, 0.0) for s in splits) for part in ("step", *COMPONENTS)}
+            row = {"side": "diffusers script" if config == "script" else f"difftune cache={config}"}
+            row["step"] = f"{medians['step']:.1f}"
+            share = {part: 100 * medians[part] / medians["step"] for part in COMPONENTS}
+            row.update({part: f"{medians[part]:.1f} ({share[part]:.1f}%)" for part in COMPONENTS})
+            rows.append(row)
+        if rows:
+            print_table(rows, ["side", "step", *COMPONENTS])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "textual_inversion", "dreambooth"])
@@ -277,6 +333,11 @@ def main() -> None:
     parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="run both sides under benchmarks.step_split and print each component's ms per step (wall and CPU)",
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -325,10 +386,13 @@ def main() -> None:
                             result = measure_reference(name, base, data, instance, args.steps)
                         else:
                             recipe = difftune_recipe(recipes[name], config, batch, args)
-                            result = measure_training(recipe, steps=args.steps, warmup_steps=args.warmup, env=env)
+                            result = measure_split_training(recipe, args, env, tmp)
                     result.update(load1=load, other_cores=others.cores)
                     samples[config].append(result)
-                    print(f"repeat {repeat + 1} {name} {config}: load {load:.2f} ->", result, flush=True)
+                    shown = {key: value for key, value in result.items() if key != "split"}  # (tables below)
+                    print(f"repeat {repeat + 1} {name} {config}: load {load:.2f} ->", shown, flush=True)
+            if args.split:
+                print_split(name, samples)
             script = samples.get("script")
             reference = statistics.median(r["s_per_step"] for r in script) if script else None
             reference_memory = statistics.median(r["peak_memory_mb"] for r in script) if script else None

@@ -142,6 +142,7 @@ def train(config: Config) -> Path:
     # cheap checks before accelerate starts and anything loads: the output folder (writable, with room), then every
     # model path; the data comes next, in method.setup()
     check_training_inputs(config)
+    speed.serial_tokenizers()  # before the first tokenizer call: no tokenizer thread pool beside the step's threads
     accumulation = config.train.gradient_accumulation_steps
 
     # accelerator: devices, mixed precision, process group, data sharding with a seeded sampler (resumable order)
