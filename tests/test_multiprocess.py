@@ -292,6 +292,8 @@ source = build_image_source(DataConfig(dataset=sys.argv[1], resolution=8), verif
 names = [Path(source.image_sources[row]).name for row in source.indices]
 result = {"names": names, "skipped": [[Path(n).name, reason] for _, n, reason in source.skipped], "checked": checked}
 Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+accelerator.wait_for_everyone()
+accelerator.end_training()  # as a training run ends: a process group left open can abort a rank at exit (gloo)
 """
 
 
