@@ -142,6 +142,53 @@ def test_class_examples_carry_the_prior_loss_weight(prior_run):
     assert torch.isfinite(loss)
 
 
+def test_class_prompts_draw_class_images_in_turn_and_train_each_with_its_own_prompt(
+    tiny_sd_dir, instance_dir, tmp_path
+):
+    class_dir = tmp_path / "class"
+    make_test_images(tmp_path / "user", 2, size=48, seed=7)
+    class_dir.mkdir()
+    # a captioned regularisation image of the user's (kohya's scheme): its .txt is its caption
+    shutil.copy(tmp_path / "user" / "image_000.png", class_dir / "my_cat.png")
+    (class_dir / "my_cat.txt").write_text("a photo of cat\n")
+    prompts = ["a photo of toy", "a photo of car"]
+    options = {**prior(class_dir, 4), "class_prompt": None, "class_prompts": prompts}
+    config = load_config(recipe(tiny_sd_dir, instance_dir, tmp_path / "run", **options))
+    method = set_up(config)
+    written = {p.name: p.read_text() for p in class_dir.glob("class_*.txt")}
+    assert written == {
+        "class_0.txt": "a photo of toy",
+        "class_1.txt": "a photo of car",
+        "class_2.txt": "a photo of toy",
+    }
+    assert sorted(p.name for p in class_dir.glob("*.png")) == [
+        "class_0.png",
+        "class_1.png",
+        "class_2.png",
+        "my_cat.png",
+    ]
+    examples = method.train_dataset
+    texts = collate_examples([examples[i] for i in range(len(examples))])["text"]
+    assert sorted(t for t in texts if t != PROMPT) == sorted(["a photo of cat", *prompts, "a photo of toy"])
+    assert set(method.all_captions()) >= {"a photo of cat", *prompts}, "the text cache encodes every class caption"
+
+    # an uncaptioned class image with no class_prompt to fall back on: one line naming it, before any drawing
+    shutil.copy(tmp_path / "user" / "image_001.png", class_dir / "z_dog.png")
+    with pytest.raises(ConfigError, match=r"1 class image\(s\) have no caption \(z_dog.png\)"):
+        set_up(config)
+    # with a class_prompt it is that image's caption, and the captioned ones keep theirs
+    with_fallback = {**options, "class_prompt": "a photo of dog", "num_class_images": 5}
+    method = set_up(load_config(recipe(tiny_sd_dir, instance_dir, tmp_path / "run", **with_fallback)))
+    captions = method.train_dataset.source.classes.column_values["text"]
+    assert captions == [*prompts, "a photo of toy", "a photo of cat", "a photo of dog"]
+
+    base = recipe(tmp_path / "no-such-model", instance_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"class_prompts\[1\] 'a sks car' contains the trigger"):
+        load_config(base, ["dreambooth.with_prior_preservation=true", "dreambooth.class_prompts=[a toy, a sks car]"])
+    with pytest.raises(ConfigError, match="class_prompts is empty"):
+        load_config(base, ["dreambooth.with_prior_preservation=true", "dreambooth.class_prompts=[]"])
+
+
 def test_missing_trigger_and_bad_options_fail_before_models_load(tiny_sd_dir, instance_dir, tmp_path):
     base = recipe(tmp_path / "no-such-model", instance_dir, tmp_path / "run")
     with pytest.raises(ConfigError, match="does not contain the trigger 'sks'"):

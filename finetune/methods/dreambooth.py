@@ -106,7 +106,15 @@ class DreamBoothOptions(LoraOptions, TextToImageOptions):
     )
     class_prompt: str | None = option(
         None,
-        "Prompt of the class images, without the trigger, e.g. 'a photo of dog'. Required with prior preservation.",
+        "Prompt of the class images, without the trigger, e.g. 'a photo of dog'. Prior preservation needs it or "
+        "class_prompts.",
+    )
+    class_prompts: list[str] | None = option(
+        None,
+        "Several class prompts instead of one (e.g. every kind of subject the model should keep drawing as before): "
+        "missing class image i is drawn from prompt i mod n, its prompt saved beside it as class_<i>.txt, and each "
+        "class image trains with its own caption. A .txt next to any class image is its caption (kohya's captioned "
+        "regularisation images).",
     )
     num_class_images: int = option(
         100, "Class images to train on; missing ones are generated before training (existing ones are kept)."
@@ -131,6 +139,12 @@ class DreamBoothOptions(LoraOptions, TextToImageOptions):
             raise ConfigError(f"sample_batch_size must be >= 1, got {self.sample_batch_size}")
         if self.class_inference_steps is not None and self.class_inference_steps < 1:
             raise ConfigError(f"class_inference_steps must be >= 1 or null, got {self.class_inference_steps}")
+        if self.class_prompts is not None:
+            if not self.class_prompts:
+                raise ConfigError("class_prompts is empty: give at least one prompt, or null to use class_prompt")
+            blank = [i for i, prompt in enumerate(self.class_prompts) if not prompt.strip()]
+            if blank:
+                raise ConfigError(f"class_prompts[{blank[0]}] is empty: every class prompt needs text")
 
 
 def contains_trigger(text: str, trigger: str) -> bool:
@@ -185,16 +199,19 @@ class DreamBooth(TextToImageMethod):
                 f"photo of {options.trigger} dog') or set {section}.trigger to the identifier your prompt uses."
             )
         if options.with_prior_preservation:
-            if not options.class_prompt:
+            if not options.class_prompt and not options.class_prompts:
                 raise ConfigError(
                     f"{section}.with_prior_preservation needs {section}.class_prompt, the subject's class without "
-                    "the trigger, e.g. 'a photo of dog'"
+                    f"the trigger, e.g. 'a photo of dog' (or {section}.class_prompts, several of them)"
                 )
-            if contains_trigger(options.class_prompt, options.trigger):
-                raise ConfigError(
-                    f"{section}.class_prompt {options.class_prompt!r} contains the trigger {options.trigger!r}: class "
-                    "images must show the class in general, e.g. 'a photo of dog'"
-                )
+            named = [("class_prompt", options.class_prompt)] if options.class_prompt else []
+            named += [(f"class_prompts[{i}]", prompt) for i, prompt in enumerate(options.class_prompts or [])]
+            for key, prompt in named:
+                if contains_trigger(prompt, options.trigger):
+                    raise ConfigError(
+                        f"{section}.{key} {prompt!r} contains the trigger {options.trigger!r}: class images must "
+                        "show the class in general, e.g. 'a photo of dog'"
+                    )
             instance = Path(options.instance_data_dir).expanduser().resolve()
             classes = cls.class_folder(config).resolve()
             if classes == instance or instance in classes.parents:
@@ -270,6 +287,7 @@ class DreamBooth(TextToImageMethod):
         if options.with_prior_preservation:
             self.class_dir = self.class_folder(self.config)
             self.existing_class_images = self.readable(class_image_files(self.class_dir))
+            self.class_captions(self.existing_class_images)  # uncaptioned images without a class_prompt: say so now
         return instance
 
     def plan_lines(self) -> list[str]:
@@ -278,9 +296,22 @@ class DreamBooth(TextToImageMethod):
         found, wanted = len(self.existing_class_images), self.options.num_class_images
         todo = f"the base model draws the other {wanted - found} at start" if found < wanted else "none to draw"
         return [
-            f"prior preservation: {wanted} class images of {self.options.class_prompt!r} in {self.class_dir}: "
+            f"prior preservation: {wanted} class images of {self.class_prompts_label()} in {self.class_dir}: "
             f"{found} there, {todo} (they add to each epoch's examples)"
         ]
+
+    def class_prompts_label(self) -> str:
+        """The class prompt, or the class prompts in short, for the plan, the log and the card."""
+        prompts = self.options.class_prompts
+        if not prompts:
+            return repr(self.options.class_prompt)
+        shown = ", ".join(repr(p) for p in prompts[:3])
+        return f"{len(prompts)} prompts ({shown}{', ...' if len(prompts) > 3 else ''})"
+
+    def class_prompt_for(self, index: int) -> str:
+        """The prompt missing class image `index` is drawn from: class_prompts in turn, else class_prompt."""
+        prompts = self.options.class_prompts
+        return prompts[index % len(prompts)] if prompts else self.options.class_prompt
 
     def check_captions(self, instance: ImageRecords) -> None:
         column, trigger, section = self.config.data.caption_column, self.options.trigger, self.config.method
@@ -315,7 +346,7 @@ class DreamBooth(TextToImageMethod):
 
     def caption_for(self, example: dict, rng: np.random.Generator) -> str:
         if example.pop("prior", False):
-            return self.options.class_prompt
+            return example.pop(self.config.data.caption_column)  # class_records gave every class image its caption
         if not self.options.use_captions:
             return self.options.instance_prompt
         value = example.get(self.config.data.caption_column)
@@ -326,8 +357,10 @@ class DreamBooth(TextToImageMethod):
 
     def all_captions(self) -> list[str]:
         captions = [c for c in (self.options.instance_prompt, self.options.class_prompt) if c]
+        source = self.train_dataset.source
+        if isinstance(source, PriorPreservationExamples):
+            captions.extend(source.classes.column_values[self.config.data.caption_column])
         if self.options.use_captions:
-            source = self.train_dataset.source
             instance = source.instance if isinstance(source, PriorPreservationExamples) else source
             for row in instance.indices:
                 value = instance.column_values[self.config.data.caption_column][row]
@@ -397,10 +430,10 @@ class DreamBooth(TextToImageMethod):
         indices = missing_class_indices(taken, missing)
         mine = indices[self.accelerator.process_index :: self.accelerator.num_processes]
         logger.info(
-            "generating %d class image(s) in %s ('%s'), %d on this process",
+            "generating %d class image(s) in %s (%s), %d on this process",
             missing,
             self.class_dir,
-            self.options.class_prompt,
+            self.class_prompts_label(),
             len(mine),
         )
         with atomic.reporting_write_errors(self.class_dir, "run the training again"):
@@ -419,9 +452,10 @@ class DreamBooth(TextToImageMethod):
                     generators = [
                         torch.Generator().manual_seed(class_image_seed(self.config.train.seed, i)) for i in chunk
                     ]
+                    prompts = [self.class_prompt_for(i) for i in chunk]
                     with self.accelerator.autocast():
                         images = pipe(
-                            [self.options.class_prompt] * len(chunk),
+                            prompts,
                             num_inference_steps=steps,
                             guidance_scale=self.options.class_guidance_scale,
                             generator=generators,
@@ -429,8 +463,10 @@ class DreamBooth(TextToImageMethod):
                             width=resolution,
                             **self.generation_inputs(len(chunk)),
                         ).images
-                    for index, image in zip(chunk, images):
+                    for index, prompt, image in zip(chunk, prompts, images):
                         path = self.class_dir / CLASS_IMAGE_PATTERN.format(index=index)
+                        if self.options.class_prompts:  # the caption first: an image is never without its prompt
+                            atomic.atomic_write_text(path.with_suffix(".txt"), prompt, then="run the training again")
                         # a killed job never leaves a half-written class image (the next start removes the temporary)
                         with atomic.atomic_path(path, then="run the training again") as staging:
                             image.save(staging, format="PNG")
@@ -451,10 +487,29 @@ class DreamBooth(TextToImageMethod):
         data = dataclasses.replace(
             self.config.data, dataset=str(self.class_dir), max_samples=None, verify_images=False
         )
-        records = datasets.Dataset.from_dict({data.image_column: [str(p) for p in files]})
-        classes = ImageRecords(records, data, channels=3, source=str(self.class_dir))
+        columns = {data.image_column: [str(p) for p in files], data.caption_column: self.class_captions(files)}
+        records = datasets.Dataset.from_dict(columns)
+        classes = ImageRecords(records, data, channels=3, columns=[data.caption_column], source=str(self.class_dir))
         classes.image_sources = files  # Paths: the cache fingerprint names them
         return classes
+
+    def class_captions(self, files: list[Path]) -> list[str]:
+        """Each class image's caption: the .txt beside it (written with class_prompts, or a captioned
+        regularisation folder), else class_prompt."""
+        captions, uncaptioned = [], []
+        for path in files:
+            text_file = path.with_suffix(".txt")
+            caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else ""
+            if not caption and not self.options.class_prompt:
+                uncaptioned.append(path.name)
+            captions.append(caption or self.options.class_prompt)
+        if uncaptioned:
+            raise ConfigError(
+                f"{self.config.method}.class_data_dir {str(self.class_dir)!r}: {len(uncaptioned)} class image(s) "
+                f"have no caption ({', '.join(uncaptioned[:5])}): put a .txt with its prompt next to each, or set "
+                f"{self.config.method}.class_prompt for them"
+            )
+        return captions
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def base_component(self, name: str) -> torch.nn.Module:
@@ -513,7 +568,7 @@ class DreamBooth(TextToImageMethod):
             load = f"{self.usage_loading('OUTPUT_DIR_OR_REPO_ID')}  # the complete fine-tuned pipeline"
         prior = (
             f" with prior preservation ({len(self.train_dataset.source.classes)} class images of "
-            f"'{self.options.class_prompt}', prior_loss_weight {self.options.prior_loss_weight})"
+            f"{self.class_prompts_label()}, prior_loss_weight {self.options.prior_loss_weight})"
             if self.options.with_prior_preservation
             else ""
         )
