@@ -240,6 +240,12 @@ class DiffusionConfig:
     noise_offset: float = option(0.0, "Noise offset (per-channel constant added to the noise); 0.05-0.1 is usual.")
     sampler: Literal["ddim", "ddpm"] = option("ddim", "Scheduler used for sample grids and saved pipelines.")
     num_inference_steps: int = option(50, "Sampling steps for sample grids and validation.")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = option(
+        None,
+        "Pixel-space DDPMs: how the saved pipeline's scheduler spaces its sampling steps. 'trailing' starts at the "
+        "last training timestep, pure noise (Lin et al. 2023, section 3.3); 'leading' (diffusers' default) starts "
+        "T / steps - 1 earlier. None: the scheduler's default.",
+    )
     # flow-matching families (SD3, Flux): how sigma is drawn and the loss weighted, as diffusers' scripts name them
     weighting_scheme: Literal["logit_normal", "uniform", "mode"] = option(
         "logit_normal",

@@ -298,6 +298,11 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
     sections = {name: build_dataclass(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
     options = build_dataclass(method_cls.Options, raw.get(method), method)
     config = Config(method=method, method_options=options, **sections)
+    if config.diffusion.timestep_spacing is not None and not getattr(method_cls, "takes_timestep_spacing", False):
+        raise ConfigError(
+            f"diffusion.timestep_spacing applies to the pixel-space DDPM methods (unconditional, class_conditional, "
+            f"ddpm_finetune), not {method}: leave it unset (a text-to-image pipeline keeps its base model's scheduler)"
+        )
     method_cls.check_config(config)  # combinations that only this method knows are impossible
     if config.data.masked_loss and not hasattr(method_cls, "bucket_multiple"):
         raise ConfigError(

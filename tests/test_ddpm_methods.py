@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipelines.class_conditional import ClassConditionalDDPMPipeline
-from tests.helpers import run_training, tiny_ddpm_recipe
+from tests.helpers import REPO, run_training, tiny_ddpm_recipe
 from tests.test_outputs import assert_valid_card
 from tests.tiny_models import make_tiny_unet2d
 
@@ -219,3 +219,21 @@ def test_a_schedule_shift_on_another_schedule_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="diffusion.schedule_shift=2.0 shifts the cosine schedule only"):
         run_training(tiny_ddpm_recipe(tmp_path / "run", diffusion={"schedule_shift": 2.0, "beta_schedule": "linear"}))
+
+
+def test_trailing_timestep_spacing_is_saved_and_starts_sampling_at_pure_noise(tmp_path):
+    out = run_training(tiny_ddpm_recipe(tmp_path / "run", diffusion={"timestep_spacing": "trailing"}))
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.scheduler.set_timesteps(50)
+    assert pipe.scheduler.timesteps[0] == 999  # 'leading' would start at 980, short of the last training step
+    default = DDPMPipeline.from_pretrained(run_training(tiny_ddpm_recipe(tmp_path / "default")))
+    assert default.scheduler.config.timestep_spacing == "leading"
+
+
+def test_timestep_spacing_on_a_method_it_does_not_apply_to_is_refused_in_one_line():
+    from finetune.config import ConfigError
+    from finetune.recipe import load_config
+
+    with pytest.raises(ConfigError, match="diffusion.timestep_spacing applies to the pixel-space DDPM methods"):
+        load_config(REPO / "finetune/recipes/digits_teach_lora.yaml", ["diffusion.timestep_spacing=trailing"])

@@ -86,6 +86,7 @@ class UnconditionalDDPM(DenoisingMethod):
     name = "unconditional"
     summary = "pixel-space DDPM (UNet2DModel) trained from scratch on an image dataset or the digits"
     Options = UnconditionalOptions
+    takes_timestep_spacing = True  # diffusion.timestep_spacing: its saved pipeline's scheduler
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -156,7 +157,9 @@ class UnconditionalDDPM(DenoisingMethod):
     # -- outputs -----------------------------------------------------------------------------------------------------
     def sampling_scheduler(self):
         scheduler_class = DDIMScheduler if self.config.diffusion.sampler == "ddim" else DDPMScheduler
-        return scheduler_class.from_config(self.noise_scheduler.config)
+        spacing = self.config.diffusion.timestep_spacing
+        extra = {"timestep_spacing": spacing} if spacing else {}
+        return scheduler_class.from_config(self.noise_scheduler.config, **extra)
 
     def pipeline(self):
         return DDPMPipeline(unet=self.unwrap(self.unet), scheduler=self.sampling_scheduler())
