@@ -79,6 +79,8 @@ class Teaching:
     loads_as: str  # "lora", "embeddings" or "pipeline"
     token: str = TRIGGER
     extra: list[str] = field(default_factory=list)
+    # prior preservation drawn from the prompts of the digits the base model knows (the held-out one left out)
+    seen_class_prompts: bool = False
 
     @property
     def prompt(self) -> str:
@@ -93,8 +95,15 @@ TEACHINGS = [
         "digits_teach_dreambooth_prior.yaml",
         "dreambooth.instance_data_dir",
         "pipeline",
+        seen_class_prompts=True,
     ),
-    Teaching("DreamBooth-LoRA", "digits_teach_dreambooth_lora.yaml", "dreambooth.instance_data_dir", "lora"),
+    Teaching(
+        "DreamBooth-LoRA",
+        "digits_teach_dreambooth_lora.yaml",
+        "dreambooth.instance_data_dir",
+        "lora",
+        seen_class_prompts=True,
+    ),
     Teaching("Textual Inversion", "digits_teach_textual_inversion.yaml", "data.dataset", "embeddings", PLACEHOLDER),
 ]
 STYLE = Teaching("style LoRA (thick strokes)", "digits_style_lora.yaml", "data.dataset", "lora", STYLE_TRIGGER)
@@ -625,12 +634,13 @@ def benchmark_model(
     del pipe
 
     embeddings = loads_embeddings(base)
-    for teaching in [t for t in TEACHINGS if args.methods is None or t.label in args.methods] + [STYLE]:
+    for teaching in [t for t in [*TEACHINGS, STYLE] if args.methods is None or t.label in args.methods]:
         if teaching.loads_as == "embeddings" and not embeddings:
             logger.info("%s: the %s base model's pipeline takes no embeddings: skipped", teaching.label, model.key)
             continue
         output = runs / teaching.recipe.removesuffix(".yaml")
         folder = data["style"] if teaching is STYLE else data["instance"]
+        seen = [digit_prompt(d) for d in range(10) if d != held_out]
         overrides = [
             f"model.pretrained_model_name_or_path={base}",
             f"{teaching.data_key}={folder}",
@@ -638,9 +648,10 @@ def benchmark_model(
             f"train.seed={seed}",
             *model.overrides,
             *teaching.extra,
+            *([f"dreambooth.class_prompts=[{', '.join(seen)}]"] if teaching.seen_class_prompts else []),
             *args.teach_overrides,
         ]
-        seconds = run_recipe(RECIPES / teaching.recipe, overrides, args.in_process)
+        seconds = run_recipe(Path(args.recipes) / teaching.recipe, overrides, args.in_process)
         steps = _steps_from_log(output)
         pipe = load(base, teaching, output)
         row = {
@@ -952,13 +963,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--grid-columns", type=int, default=8)
+    labels = [t.label for t in [*TEACHINGS, STYLE]] + [CONTROLNET]
     parser.add_argument(
-        "--methods", nargs="*", default=None, help=f"a subset of the method labels (and/or {CONTROLNET})"
+        "--methods", nargs="*", default=None, help=f"a subset of the method labels: {'; '.join(labels)}"
     )
     parser.add_argument(
         "--controls-per-digit", type=int, default=None, help="ControlNet: test-split controls per digit (default: all)"
     )
     parser.add_argument("--teach-overrides", nargs="*", default=[], help="overrides for every teaching run")
+    parser.add_argument(
+        "--recipes",
+        default=str(RECIPES),
+        help="folder of the teaching recipes (digits_teach_*.yaml, digits_style_lora.yaml): edited copies to try "
+        "other settings per method (default: the shipped ones)",
+    )
     parser.add_argument(
         "--base-overrides", nargs="*", default=[], help="overrides when training a missing miniature (part of its key)"
     )
@@ -978,6 +996,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "results.json (e.g. one process per held-out digit); the sampling settings given here are only reported",
     )
     args = parser.parse_args(argv)
+    if missing := [t.recipe for t in [*TEACHINGS, STYLE] if not (Path(args.recipes) / t.recipe).is_file()]:
+        parser.error(f"--recipes {args.recipes}: no {missing[0]} there; copy the shipped recipes and edit them")
+    if args.methods is not None and (unknown := [m for m in args.methods if m not in labels]):
+        parser.error(f"--methods: {unknown[0]!r} is not a method label; the labels: {'; '.join(labels)}")
     if args.combine and (missing := [w for w in args.combine if not (Path(w) / "results.json").is_file()]):
         parser.error(f"--combine: no results.json in {', '.join(missing)}; run the benchmark there first")
     # bad input fails here, before any model trains (argparse's error: one line, exit 2)

@@ -194,7 +194,7 @@ def test_benchmark_runs_both_base_models_side_by_side(flow_miniature, tmp_path):
         *FAST,
     )
     work = tmp_path / "bench"
-    methods = ["LoRA", "DreamBooth", "Textual Inversion"]
+    methods = ["LoRA", "DreamBooth", "Textual Inversion", bench.STYLE.label]  # the style runs when named
     report = bench.run_benchmark(
         bench.parse_args(
             ["--base", str(unet), "--flow-base", str(flow_miniature["base"]), "--work", str(work)]
@@ -216,4 +216,4 @@ def test_benchmark_runs_both_base_models_side_by_side(flow_miniature, tmp_path):
     lines = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
     assert "UNet (DDPM) / SD3 transformer (flow matching)" in report
     assert lines["LoRA"].count(" / ") >= 4 and lines["Textual Inversion"].count("—") >= 3, report
-    assert report.count("| DreamBooth |") == 1 and "DreamBooth-LoRA" not in report  # --methods chose three
+    assert report.count("| DreamBooth |") == 1 and "DreamBooth-LoRA" not in report  # --methods chose four

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.methods.latent_diffusion import digit_prompt
 from tests.helpers import REPO, run_training
 from tests.tiny_models import TOKENIZER_DIR
 
@@ -264,6 +265,9 @@ def test_benchmark_averages_every_method_over_held_out_digits_and_seeds(miniatur
     for label in labels:
         assert f"| {label} |" in first["report"] and f"| {label} | 5 |" in first["report"]
     assert "[" in first["report"].split(f"| {labels[1]} |")[1].splitlines()[0]  # mean [min–max]
+    # prior preservation draws its class images from the prompts of the digits the miniature knows, not the new one
+    class_images = root / "bench-digits" / "holdout-3-seed-0" / "digits_teach_dreambooth_prior" / "class_images"
+    assert {p.read_text() for p in class_images.glob("class_*.txt")} == {digit_prompt(d) for d in range(10) if d != 3}
     # one miniature per digit, trained without it; the runs' instance images are of that digit
     assert sorted(first["setup_s"]) == ["unet_without_3_s", "unet_without_5_s"]
     cached = sorted((root / "miniatures").iterdir())
