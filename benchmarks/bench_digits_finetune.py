@@ -433,9 +433,13 @@ def digit_scores(
     return scores, images
 
 
+def seen_digit_prompts(held_out: int) -> list[str]:
+    """The captions of the digits the miniature without `held_out` knows, in order."""
+    return [digit_prompt(d) for d in range(10) if d != held_out]
+
+
 def style_scores(pipe, style_classifier, sampling: Sampling, held_out: int) -> dict:
-    seen = [d for d in range(10) if d != held_out]
-    plain = [digit_prompt(d) for d in seen for _ in range(sampling.per_prompt)]
+    plain = [prompt for prompt in seen_digit_prompts(held_out) for _ in range(sampling.per_prompt)]
     styled = [f"{p} in {STYLE_TRIGGER} style" for p in plain]
     args = (sampling.seed, sampling.steps, sampling.guidance_scale, sampling.resolution)
     return {
@@ -640,7 +644,6 @@ def benchmark_model(
             continue
         output = runs / teaching.recipe.removesuffix(".yaml")
         folder = data["style"] if teaching is STYLE else data["instance"]
-        seen = [digit_prompt(d) for d in range(10) if d != held_out]
         overrides = [
             f"model.pretrained_model_name_or_path={base}",
             f"{teaching.data_key}={folder}",
@@ -648,7 +651,11 @@ def benchmark_model(
             f"train.seed={seed}",
             *model.overrides,
             *teaching.extra,
-            *([f"dreambooth.class_prompts=[{', '.join(seen)}]"] if teaching.seen_class_prompts else []),
+            *(
+                [f"dreambooth.class_prompts=[{', '.join(seen_digit_prompts(held_out))}]"]
+                if teaching.seen_class_prompts
+                else []
+            ),
             *args.teach_overrides,
         ]
         seconds = run_recipe(Path(args.recipes) / teaching.recipe, overrides, args.in_process)
