@@ -838,13 +838,16 @@ def averaged_markdown(
     per held-out digit (over the seeds)."""
     many_models = len({entry["model"] for entry in summary}) > 1
 
+    def whole(number: float) -> str:
+        return str(round(number))  # an int: -0.4 reads "0", where f"{-0.4:.0f}" gives "-0"
+
     def spread(entry: dict, metric: str, scale: float = 100, unit: str = "%") -> str:
         if metric not in entry:
             return ""
         value = entry[metric]
         if entry["runs"] == 1:
-            return f"{scale * value['mean']:.0f}{unit}"
-        return f"{scale * value['mean']:.0f}{unit} [{scale * value['min']:.0f}–{scale * value['max']:.0f}]"
+            return f"{whole(scale * value['mean'])}{unit}"
+        return f"{whole(scale * value['mean'])}{unit} [{whole(scale * value['min'])}–{whole(scale * value['max'])}]"
 
     def name(entry: dict) -> str:
         return f"{entry['method']} ({BASE_MODELS[entry['model']].label})" if many_models else entry["method"]

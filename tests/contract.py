@@ -90,11 +90,13 @@ def rows_of(family: str) -> list[Row]:
     dreambooth = {"instance_prompt": TRIGGER_PROMPT}
     prior = {"with_prior_preservation": True, "class_prompt": "a photo of toy", "num_class_images": 2}
     prior.update(class_inference_steps=2, sample_batch_size=2)
+    # the text encoder's LoRA too, as digits_teach_dreambooth_lora.yaml trains
+    dreambooth_lora = {"use_lora": True, "rank": 4, "train_text_encoder": True}
     ti = {"placeholder_token": TOKEN, "initializer_token": "toy", "num_vectors": 2}
     rows = [
         Row("lora", family, "lora", lora),
         Row("dreambooth", family, "dreambooth", {**dreambooth, "train_text_encoder": True}, output="pipeline"),
-        Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, "use_lora": True, "rank": 4}),
+        Row("dreambooth-lora-prior", family, "dreambooth", {**dreambooth, **prior, **dreambooth_lora}),
     ]
     if capabilities.textual_inversion:
         rows.append(Row("textual-inversion", family, "textual_inversion", ti, output="embeddings"))
