@@ -5,6 +5,8 @@ diffusers example script on the same work, side by side.
     make bench-gpu                                           # the default plan, figures to outputs/bench-gpu.json
     make bench-gpu BENCH_GPU_ARGS="--diffusers ~/src/diffusers --families sd15 sdxl"
     .venv/bin/python -m benchmarks.bench_gpu --dry-run       # what it would run; builds nothing large (CPU is fine)
+    .venv/bin/python -m benchmarks.bench_gpu --cpu --families sd15 --sizes 64 --batches 1 --levers baseline \
+        --warmup 1 --steps 2                                 # the whole path on a CPU, small: a check, not a figure
 
 Each run is a fresh process (`python -m finetune` on a recipe, or the example script), wrapped so that the same
 clock times both: an optimizer-step hook synchronises the GPU and records the time of every step, and
@@ -195,8 +197,15 @@ def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_la
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from diffusers.utils import logging as diffusers_logging
+
     pipeline = make_pipeline(arch, flux_blocks, t5_layers, device)
-    pipeline.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # random weights: no module of them needs keeping in float32
+    try:
+        pipeline.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     del pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -257,8 +266,8 @@ def make_pipeline(arch: str, flux_blocks: tuple[int, int], t5_layers: int, devic
             pipeline = diffusers.FluxPipeline(**parts)
         else:
             vae = AutoencoderKL(latent_channels=4, **vae_config)
-            scheduler = diffusers.DDPMScheduler(
-                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+            scheduler = diffusers.DDPMScheduler(  # SD 1.5's and SDXL's training schedule, as published
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
             )
             if arch == "sd15":
                 pipeline = diffusers.StableDiffusionPipeline(
@@ -420,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="outputs/bench-gpu.json", help="where to write the figures")
     parser.add_argument("--workdir", help="where to build the models (default: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and each run's FLOPs; build nothing")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="where there is no GPU, run the plan on the CPU anyway: slow (give small --sizes), a check that every "
+        "stage works (build, save, train, time, the script beside it), not a figure to compare",
+    )
     args = parser.parse_args(argv)
     flux_blocks = tuple(args.flux_blocks)
     checkout = Path(args.diffusers).expanduser() if args.diffusers else None
@@ -436,11 +451,12 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-    if gpu is None and not args.dry_run:
-        print("no CUDA GPU here: run with --dry-run to see the plan")
+    if gpu is None and not (args.dry_run or args.cpu):
+        print("no CUDA GPU here: --dry-run prints the plan, --cpu runs it on the CPU (slowly: give small --sizes)")
         return 2
+    device = gpu or ("none (dry run)" if args.dry_run else "CPU (a check of the path, not a figure)")
     flops_cache: dict[tuple, tuple[float, float]] = {}
-    print(f"device: {gpu or 'none (dry run)'}; bf16 peak {peak or '?'} TFLOP/s; {len(runs)} runs")
+    print(f"device: {device}; bf16 peak {peak or '?'} TFLOP/s; {len(runs)} runs")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         bases: dict[str, Path] = {}
@@ -497,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"diffusers s/step / difftune's = {ratio:.2f}x"
                     )
     report = {
-        "device": gpu,
+        "device": gpu or ("cpu" if args.cpu and not args.dry_run else None),
         "peak_tflops": peak,
         "dry_run": args.dry_run,
         "flux_blocks": flux_blocks,

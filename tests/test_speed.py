@@ -148,6 +148,44 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     assert main(["--dry-run", "--diffusers", str(tmp_path / "nowhere"), "--json", str(out)]) == 2
 
 
+def test_bench_gpu_runs_its_whole_path_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """`bench_gpu --cpu`: build and save the pipeline, make the data, train with difftune and with the example script
+    under the same clock, print each run's figures and the ratio, write the JSON: every stage a GPU run takes (a tiny
+    SD stands in for SD 1.5's full size; a stand-in script checks the arguments the real one would get)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks import bench_gpu
+    from tests.tiny_models import make_tiny_sd_pipeline
+
+    tiny = make_tiny_sd_pipeline(tmp_path / "tiny-sd")
+    monkeypatch.setattr(bench_gpu, "make_pipeline", lambda *args: StableDiffusionPipeline.from_pretrained(tiny))
+    script = tmp_path / "diffusers" / bench_gpu.ARCHITECTURES["sd15"]["script"]
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        "import pathlib, sys, torch\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[1:])\n"
+        "assert (pathlib.Path(args['pretrained_model_name_or_path']) / 'unet').is_dir(), args\n"
+        "assert (pathlib.Path(args['train_data_dir']) / 'metadata.jsonl').is_file(), args\n"
+        "p = torch.nn.Parameter(torch.ones(2))\noptimizer = torch.optim.AdamW([p])\n"
+        "for _ in range(int(args['max_train_steps'])):\n    p.sum().backward()\n    optimizer.step()\n"
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--cpu", "--families", "sd15", "--sizes", "64", "--batches", "1", "--levers", "baseline"]
+    argv += ["--warmup", "1", "--steps", "2", "--diffusers", str(tmp_path / "diffusers"), "--json", str(out)]
+    argv += ["--workdir", str(tmp_path)]
+    assert bench_gpu.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and not report["dry_run"]
+    for run in report["runs"]:
+        assert run["figures"]["steps"] == 3 and run["figures"]["s_per_step"] > 0, run
+    assert len(report["speedups"]) == 1 and report["speedups"][0]["speedup"] > 0
+    assert "diffusers s/step / difftune's" in printed and "FAILED" not in printed
+    if not torch.cuda.is_available():  # without --cpu (or --dry-run) a machine without a GPU refuses, exit 2
+        assert bench_gpu.main(["--families", "sd15", "--json", str(out)]) == 2
+
+
 def test_channels_last_model_saves_and_checkpoints(tmp_path):
     """A whole denoiser in channels-last order (not contiguous) still saves: safetensors takes contiguous tensors."""
     from diffusers import DDPMPipeline
