@@ -50,7 +50,8 @@ ARCHITECTURES = {
     "flux": {"family": "flux", "latent_factor": 8, "script": "examples/dreambooth/train_dreambooth_lora_flux.py"},
 }
 # the default plan: every architecture at 512 and 1024 px, batch 1 and 4, with the default options; each lever alone
-# on one shape per architecture (batch 4 at the architecture's native size)
+# on one shape per architecture (the largest batch, at the architecture's native size when it is among --sizes, else
+# the largest of them)
 NATIVE_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 LEVERS = {
     "baseline": {},  # bf16, latents and captions cached in memory, fused AdamW (the default on CUDA)
@@ -88,9 +89,10 @@ def plan(families: list[str], sizes: list[int], batches: list[int], levers: list
                 runs.append(Run(arch, resolution, batch, "baseline"))
                 if diffusers:
                     runs.append(Run(arch, resolution, batch, "baseline", runner="diffusers"))
+        lever_size = NATIVE_SIZE[arch] if NATIVE_SIZE[arch] in sizes else max(sizes)
         for lever in levers:
             if lever != "baseline":
-                runs.append(Run(arch, NATIVE_SIZE[arch], max(batches), lever))
+                runs.append(Run(arch, lever_size, max(batches), lever))
     return runs
 
 
@@ -425,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--flux-blocks", nargs=2, type=int, default=[4, 8], metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--diffusers", help="a diffusers repository checkout: run its example scripts too")
+    parser.add_argument(
+        "--peer-stub",
+        help="a folder put first on the example scripts' PYTHONPATH only (e.g. a torchvision stand-in where "
+        "torchvision is not installed)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     parser.add_argument("--json", default="outputs/bench-gpu.json", help="where to write the figures")
     parser.add_argument("--workdir", help="where to build the models (default: a temporary folder)")
@@ -488,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                 datas[run.resolution] = make_images(data, run.resolution)
             if run.runner == "difftune":
                 recipe_path.write_text(json.dumps(recipe))
-            figures = execute(command, args.warmup, {})
+            env = {}
+            if run.runner == "diffusers" and args.peer_stub:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.peer_stub, os.environ.get("PYTHONPATH")]))
+            figures = execute(command, args.warmup, env)
             if figures.get("s_per_step"):
                 figures["images_per_s"] = run.batch / figures["s_per_step"]
                 figures["mfu"] = flops / figures["s_per_step"] / (peak * 1e12) if peak else None

@@ -137,6 +137,7 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     runs = report["runs"]
     # per architecture: 2 baselines, the script on each, 1 lever
     assert len(runs) == 10 and report["dry_run"] and not (tmp_path / "sd15").exists()
+    assert {r["resolution"] for r in runs} == {512}  # Flux's lever too: its native 1024 px was not asked for
     assert {r["runner"] for r in runs} == {"difftune", "diffusers"}
     sd15 = {(r["batch"], r["runner"]): r["figures"] for r in runs if r["arch"] == "sd15" and r["lever"] == "baseline"}
     # SD 1.5's UNet (0.86B parameters) at 512 px: ~0.8 TFLOP forward, about twice that with the input gradients
