@@ -194,6 +194,24 @@ def step_flops(arch: str, batch: int, resolution: int, flux_blocks: tuple[int, i
     return float(counter.get_total_flops()), float(sum(p.numel() for p in model.parameters()))
 
 
+def encoding_flops(arch: str, resolution: int) -> tuple[float, float]:
+    """(FLOPs of the VAE's encode of one image, of its caption's text encoders: CLIP's 77 tokens, T5-XXL's 512 with
+    all 24 layers) on meta-device models: the work per image a latent and caption cache removes from a step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipeline = make_pipeline(arch, (1, 1), 24, "meta")
+    image = torch.randn(1, 3, resolution, resolution, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
+        pipeline.vae.encode(image)
+    with torch.no_grad(), FlopCounterMode(display=False) as text_counter:
+        pipeline.text_encoder(torch.zeros(1, 77, dtype=torch.long, device="meta"))
+        if arch != "sd15":
+            tokens = 512 if arch == "flux" else 77
+            pipeline.text_encoder_2(torch.zeros(1, tokens, dtype=torch.long, device="meta"))
+    return float(vae_counter.get_total_flops()), float(text_counter.get_total_flops())
+
+
 def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_layers: int = 2) -> Path:
     """Save the architecture as a diffusers pipeline folder with random bf16 weights, built on the GPU (fast)."""
     import torch
@@ -463,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = gpu or ("none (dry run)" if args.dry_run else "CPU (a check of the path, not a figure)")
     flops_cache: dict[tuple, tuple[float, float]] = {}
+    ceilings: dict[tuple, tuple[float, float, float]] = {}  # (latent-cache speed-up bound, VAE, text TFLOP)
     print(f"device: {device}; bf16 peak {peak or '?'} TFLOP/s; {len(runs)} runs")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -472,8 +491,19 @@ def main(argv: list[str] | None = None) -> int:
             key = (run.arch, run.resolution)
             if key not in flops_cache:  # counted at batch 1: every FLOP of these models is per image
                 flops_cache[key] = step_flops(run.arch, 1, run.resolution, flux_blocks)
+                vae, text = encoding_flops(run.arch, run.resolution)
+                ceilings[key] = ((vae + flops_cache[key][0]) / flops_cache[key][0], vae / 1e12, text / 1e12)
+                print(
+                    f"{run.arch} {run.resolution}px, per image: denoiser forward + backward "
+                    f"{flops_cache[key][0] / 1e12:.2f} TFLOP, VAE encode {vae / 1e12:.2f}, text encoders "
+                    f"{text / 1e12:.3f}: a latent cache can make a step at most {ceilings[key][0]:.2f}x faster, "
+                    f"{(vae + text + flops_cache[key][0]) / flops_cache[key][0]:.2f}x with the captions' encoding "
+                    "(where the script encodes them every step)"
+                )
             flops, parameters = flops_cache[key][0] * run.batch, flops_cache[key][1]
             run.figures.update(step_tflop=flops / 1e12, denoiser_params_b=parameters / 1e9)
+            run.figures.update(latent_cache_ceiling=ceilings[key][0], vae_encode_tflop=ceilings[key][1] * run.batch)
+            run.figures.update(text_encode_tflop=ceilings[key][2] * run.batch)
             base, data, out = tmp / run.arch, tmp / f"data-{run.resolution}", tmp / f"run-{number}"
             if run.runner == "diffusers":
                 command = diffusers_command(run, checkout, base, data, out, args.warmup + args.steps)

@@ -3,6 +3,8 @@ latents and captions cached in memory) under torch.profiler, in this process.
 
     .venv/bin/python -m benchmarks.profile_step                    # 3 profiled steps after 4 unprofiled ones
     .venv/bin/python -m benchmarks.profile_step --steps 5 --threads 2 --set train.attention_backend=math
+    .venv/bin/python -m benchmarks.profile_step --arch sd15 --resolution 256 --warmup 2 --steps 2 \
+        --set train.mixed_precision=bf16          # SD 1.5's full architecture (random weights, bench_gpu's build)
 
 Prints the top ops by self CPU time, and the share of the steps' wall time in the UNet's forward, in the backward
 (the UNet's, and the loss's few ops), in the optimizer and in everything else (data, the loss's host work: cache
@@ -78,10 +80,11 @@ def phase_split(trace: Path) -> dict[str, float]:
     return totals
 
 
-def recipe(work: Path, steps: int, overrides: list[str]) -> dict:
+def recipe(work: Path, steps: int, overrides: list[str], resolution: int = 64) -> dict:
     from benchmarks.bench_sd import method_recipes
 
-    result = json.loads(json.dumps(method_recipes(work / "tiny", work / "captioned", work / "instance", 64)["lora"]))
+    recipes = method_recipes(work / "model", work / "captioned", work / "instance", resolution)
+    result = json.loads(json.dumps(recipes["lora"]))
     result["lora"]["cache"] = "memory"
     result["train"].update(
         output_dir=str(work / "run"),
@@ -107,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="rows of the op table")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "profile_step", help="where the trace goes")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", help="recipe overrides")
+    parser.add_argument(
+        "--arch",
+        choices=["tiny", "sd15"],
+        default="tiny",
+        help="the tests' tiny SD, or SD 1.5's full architecture with random bf16 weights (bench_gpu's build: ~2 GB "
+        "in a temporary folder, about a minute to build on a CPU)",
+    )
+    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels")
     args = parser.parse_args(argv)
 
     import torch
@@ -142,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_tiny_sd_pipeline(work / "tiny")
-        for i, image in enumerate(make_test_images(work / "captioned", 16, size=64)):
+        if args.arch == "sd15":
+            from benchmarks.bench_gpu import build_pipeline
+
+            build_pipeline("sd15", work / "model", (4, 8))
+        else:
+            make_tiny_sd_pipeline(work / "model")
+        for i, image in enumerate(make_test_images(work / "captioned", 16, size=args.resolution)):
             image.with_suffix(".txt").write_text(f"a toy picture {i}")
-        config = load_config(recipe(work, args.warmup + args.steps, args.set))
+        config = load_config(recipe(work, args.warmup + args.steps, args.set, args.resolution))
         load = os.getloadavg()[0]
         started = time.perf_counter()
         with profiler, warnings.catch_warnings(record=True) as caught:

@@ -144,6 +144,10 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     assert sd15[(1, "difftune")]["denoiser_params_b"] == pytest.approx(0.86, abs=0.01)
     assert 1.2 < sd15[(1, "difftune")]["step_tflop"] < 2.5
     assert sd15[(4, "difftune")]["step_tflop"] == pytest.approx(4 * sd15[(1, "difftune")]["step_tflop"])
+    # the VAE's encode of a 512 px image, ~1.1 TFLOP: what a latent cache saves, at most 1.65x of SD 1.5's step
+    assert sd15[(1, "difftune")]["vae_encode_tflop"] == pytest.approx(1.12, abs=0.05)
+    assert sd15[(1, "difftune")]["latent_cache_ceiling"] == pytest.approx(1.65, abs=0.05)
+    assert "a latent cache can make a step at most 1.65x faster" in printed
     assert "train_text_to_image_lora.py" in printed and "train_dreambooth_lora_flux.py" in printed
     assert "--train_batch_size=4" in printed and "-m finetune" in printed
     assert main(["--dry-run", "--diffusers", str(tmp_path / "nowhere"), "--json", str(out)]) == 2
