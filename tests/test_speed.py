@@ -164,7 +164,14 @@ def test_bench_gpu_runs_its_whole_path_on_a_cpu(tmp_path, monkeypatch, capsys):
     from tests.tiny_models import make_tiny_sd_pipeline
 
     tiny = make_tiny_sd_pipeline(tmp_path / "tiny-sd")
-    monkeypatch.setattr(bench_gpu, "make_pipeline", lambda *args: StableDiffusionPipeline.from_pretrained(tiny))
+    full_size = bench_gpu.make_pipeline  # still counts FLOPs on the meta device: nothing built
+
+    def make_pipeline(arch, flux_blocks, t5_layers, device):
+        if device == "meta":
+            return full_size(arch, flux_blocks, t5_layers, device)
+        return StableDiffusionPipeline.from_pretrained(tiny)
+
+    monkeypatch.setattr(bench_gpu, "make_pipeline", make_pipeline)
     script = tmp_path / "diffusers" / bench_gpu.ARCHITECTURES["sd15"]["script"]
     script.parent.mkdir(parents=True)
     script.write_text(
