@@ -215,10 +215,9 @@ def encoding_flops(arch: str, resolution: int) -> tuple[float, float]:
 def build_pipeline(arch: str, out_dir: Path, flux_blocks: tuple[int, int], t5_layers: int = 2) -> Path:
     """Save the architecture as a diffusers pipeline folder with random bf16 weights, built on the GPU (fast)."""
     import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     from diffusers.utils import logging as diffusers_logging
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = make_pipeline(arch, flux_blocks, t5_layers, device)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # random weights: no module of them needs keeping in float32
