@@ -209,6 +209,7 @@ def write_shards(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """The latents' shards (`write_tensor_shards`): each VAE batch's moments stored per (row, flipped) in `dtype`."""
 
@@ -216,7 +217,7 @@ def write_shards(
         for keys, moments, count in encode(indices):
             yield {moments_key(key): value.to(dtype).contiguous() for key, value in zip(keys, moments)}, count
 
-    return write_tensor_shards(folder, shards, fingerprint, encode_moments, rank, world, progress)
+    return write_tensor_shards(folder, shards, fingerprint, encode_moments, rank, world, progress, barrier=barrier)
 
 
 def write_tensor_shards(
@@ -229,11 +230,16 @@ def write_tensor_shards(
     progress: bool = True,
     what: str = "latents",
     unit: str = "images",
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Encode and write this process's share of the shards not yet on disk (shard k is process k % world's); the main
-    process's bar also counts the other processes' shards as their files appear. Returns what was done."""
+    process's bar also counts the other processes' shards as their files appear. Returns what was done. `barrier`
+    (the accelerator's wait_for_everyone) runs once every process has looked at the disk."""
     folder.mkdir(parents=True, exist_ok=True)
     done = finished_shards(folder, shards, fingerprint)
+    # every process agrees on what was on disk before any of them writes: without the wait a fast process's new
+    # shard is counted as reused by a slower one (and the main process's log and bar undercount the work)
+    barrier()
     todo = [s for s in shards if s.number not in done]
     mine = [s for s in todo if s.number % world == rank]
     others = {s.number: s for s in todo if s.number % world != rank}

@@ -460,6 +460,7 @@ class TextToImageMethod(Method):
             accelerator.process_index,
             accelerator.num_processes,
             progress=self.config.train.progress_bar,
+            barrier=accelerator.wait_for_everyone,
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -541,6 +542,7 @@ class TextToImageMethod(Method):
             progress=self.config.train.progress_bar,
             what="text conditioning",
             unit="captions",
+            barrier=accelerator.wait_for_everyone,
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

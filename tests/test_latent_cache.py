@@ -121,6 +121,31 @@ def test_text_shards_two_processes_write_what_one_writes_read_lazily_and_resume(
     assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
 
 
+def test_a_fast_process_shard_is_not_counted_as_reused_by_a_slow_one(tmp_path):
+    """Two processes as threads: rank 1 is quick, rank 0 looks at the disk half a second later (as a busy main process
+    does). Each waits at the barrier after its look, so rank 0 reports all 5 captions encoded, none reused (CI once
+    logged 'encoding 3' when rank 1's shard landed first)."""
+    import threading
+    import time
+
+    shards = lc.plan_shards([64] * 5, shard_bytes=3 * 64)  # 2 shards: rank 0 writes 3 captions, rank 1 writes 2
+    barrier, results = threading.Barrier(2, timeout=30), {}
+
+    def process(rank, delay):
+        time.sleep(delay)
+        results[rank] = lc.write_tensor_shards(
+            tmp_path, shards, "fp", fake_text_encoder([]), rank, 2, progress=False, barrier=barrier.wait
+        )
+
+    threads = [threading.Thread(target=process, args=(rank, 0.5 * (rank == 0))) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[0]["reused"] == results[1]["reused"] == 0
+    assert results[0]["images"] == results[1]["images"] == 5 and results[0]["encoded"] + results[1]["encoded"] == 5
+
+
 def lora_method(base, data, output_dir, **changes):
     from accelerate import Accelerator
 

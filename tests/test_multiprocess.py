@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -46,6 +47,16 @@ def two_process_command(recipe_path, *overrides, port=None):
 def env():
     # two processes share two cores: one thread each keeps them from fighting over the cores
     return subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread_like_each_launched_process():
+    """The in-process reference runs compute on one thread as each launched process does (env()): the VAE's
+    convolutions sum in another order on two threads (latents 1e-6 apart), and the caches are compared exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_recipe(path, recipe):
