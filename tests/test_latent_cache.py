@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -124,10 +126,7 @@ def test_text_shards_two_processes_write_what_one_writes_read_lazily_and_resume(
 def test_a_fast_process_shard_is_not_counted_as_reused_by_a_slow_one(tmp_path):
     """Two processes as threads: rank 1 is quick, rank 0 looks at the disk half a second later (as a busy main process
     does). Each waits at the barrier after its look, so rank 0 reports all 5 captions encoded, none reused (CI once
-    logged 'encoding 3' when rank 1's shard landed first)."""
-    import threading
-    import time
-
+    lacked 'encoding 5 captions': rank 1's shard had landed before rank 0 looked)."""
     shards = lc.plan_shards([64] * 5, shard_bytes=3 * 64)  # 2 shards: rank 0 writes 3 captions, rank 1 writes 2
     barrier, results = threading.Barrier(2, timeout=30), {}
 
