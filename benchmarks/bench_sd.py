@@ -2,7 +2,7 @@
 
 Tiny pipeline at 64 px (the one the tests build; same shape as the reference figures for the diffusers example
 scripts in FIELD_NOTES.md), and optionally the Stable Diffusion 1.5 architecture at 512 px with random weights
-(no download), meant for a GPU.
+(no download), meant for a GPU; at --resolution 256 it also runs on a CPU, beside the real scripts as well.
 
     .venv/bin/python -m benchmarks.bench_sd                 # tiny, CPU
     .venv/bin/python -m benchmarks.bench_sd --sd15 --methods lora --mixed-precision bf16   # on a GPU
@@ -183,12 +183,13 @@ def peer_command(
     name: str, args, base: Path, data: Path, instance: Path, resolution: int, batch: int, out: Path
 ) -> list[str]:
     """The script's arguments for the same work as method_recipes[name]: same model, images, resolution, batch,
-    rank 4 (alpha = rank on both sides), lr 1e-4, constant LR, no warm-up, fp32, no validation, no checkpoints."""
+    rank 4 (alpha = rank on both sides), lr 1e-4, constant LR, no warm-up, --mixed-precision (fp32 unless given), no
+    validation, no checkpoints."""
     steps = args.warmup + args.steps
     command = [args.peer_python, str(Path(args.peer_scripts) / PEER_SCRIPTS[name])]
     command += [f"--pretrained_model_name_or_path={base}", f"--output_dir={out}", f"--resolution={resolution}"]
     command += [f"--train_batch_size={batch}", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--seed=0"]
-    command += ["--lr_scheduler=constant", "--lr_warmup_steps=0", "--mixed_precision=no"]
+    command += ["--lr_scheduler=constant", "--lr_warmup_steps=0", f"--mixed_precision={args.mixed_precision or 'no'}"]
     command += ["--checkpointing_steps=1000000", "--dataloader_num_workers=0"]
     if name == "lora":
         command += [f"--train_data_dir={data}", "--rank=4", "--random_flip"]
@@ -330,7 +331,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
     parser.add_argument("--images", type=int, default=16, help="captioned images (LoRA)")
     parser.add_argument("--instance-images", type=int, default=5, help="instance images (DreamBooth, TI)")
-    parser.add_argument("--sd15", action="store_true", help="SD 1.5 architecture at 512 px, batch 1 (GPU)")
+    parser.add_argument(
+        "--sd15", action="store_true", help="SD 1.5 architecture, batch 1 (512 px unless --resolution)"
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="image side (default: 512 with --sd15, else 64)")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
@@ -358,7 +362,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        resolution = 512 if args.sd15 else 64
+        resolution = args.resolution or (512 if args.sd15 else 64)
         base = build_sd15(tmp / "sd15") if args.sd15 else make_tiny_sd_pipeline(tmp / "tiny")
         data = tmp / "captioned"
         for i, image in enumerate(make_test_images(data, args.images, size=resolution)):
@@ -373,7 +377,8 @@ def main() -> None:
             batch = 1 if args.sd15 else recipes[name]["train"]["train_batch_size"]
             # the script (or its stand-in) and both cache modes take turns, starting one later every repetition, so a
             # slow minute of the machine hits all of them
-            with_script = not args.sd15 and name in (PEER_SCRIPTS if args.peer_scripts else REFERENCE_BATCH)
+            # (the stand-in reference_sd_step.py knows the tiny pipeline's batches only; the real scripts run anything)
+            with_script = name in PEER_SCRIPTS if args.peer_scripts else not args.sd15 and name in REFERENCE_BATCH
             configs = (["script"] if with_script else []) + ["none", "memory"]
             samples: dict[str, list[dict]] = {config: [] for config in configs}
             for repeat in range(args.repeats):
