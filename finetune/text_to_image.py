@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 TEXT_BATCH = 32  # captions encoded at once for the text cache
 
 
+def trains_at_its_input(module: torch.nn.Module) -> bool:
+    """A transformers model whose input embeddings train (Textual Inversion's text encoders)."""
+    embeddings = getattr(module, "get_input_embeddings", lambda: None)()
+    return embeddings is not None and any(p.requires_grad for p in embeddings.parameters())
+
+
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """`model.to(dtype)` without diffusers' warning about modules to keep in float32 when the model has none (it warns
     on every cast, naming `[]`); a model that does keep modules in float32 still gets the warning."""
@@ -256,11 +262,14 @@ class TextToImageMethod(Method):
             logger.info("%d parameters never reach the denoiser and stay frozen, e.g. %s", len(unused), unused[0])
         for module in denoiser_and_text:
             # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first
-            # (4-bit weights stay as bitsandbytes packed them)
+            # (4-bit weights stay as bitsandbytes packed them). A text encoder trained at its input (Textual
+            # Inversion's new rows) stays in fp32, as the diffusers script keeps it: the backward runs through all
+            # of it, and its fp32 embeddings would meet low-precision layer norms, which CPU kernels refuse
+            frozen_dtype = torch.float32 if trains_at_its_input(module) else self.weight_dtype
             module.to(self.device)
             for parameter in module.parameters():
                 if parameter.dtype.is_floating_point:
-                    parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else self.weight_dtype)
+                    parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
         if self.config.train.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for module in self.text_encoders.values():
@@ -744,7 +753,15 @@ class TextToImageMethod(Method):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         conditioning = self.text_conditioning(batch)
         conditioning = {**conditioning, **self.denoiser_inputs}
-        return self.family.denoise(self.denoiser, self.model_input(noisy, batch), timesteps, conditioning, batch)
+        model_input = self.model_input(noisy, batch)
+        with self.denoiser_autocast():
+            return self.family.denoise(self.denoiser, model_input, timesteps, conditioning, batch)
+
+    def denoiser_autocast(self):
+        """The mixed-precision autocast around the denoiser's call. accelerate autocasts the forward of the modules it
+        prepared, the trained ones; a frozen low-precision UNet beside a trained text encoder (Textual Inversion) or
+        ControlNet would otherwise meet fp32 inputs. (Not the VAE's encodes: SDXL's VAE stays fp32 for a reason.)"""
+        return self.accelerator.autocast()
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def pipeline_class(self):

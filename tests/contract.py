@@ -401,6 +401,21 @@ def check_sigkill_and_resume_equal_an_uninterrupted_run(row: Row, bases: dict[st
     assert_same_tensors(ours, theirs, atol=0)
 
 
+def check_bf16_on_a_cpu_takes_the_same_first_step(row: Row, bases: dict[str, Path], straight: Path) -> None:
+    """train.mixed_precision=bf16 on a CPU (bf16 autocast, frozen weights in bf16): the first step's loss is the fp32
+    run's to bf16's precision, whichever module trains (a frozen bf16 UNet beside a trained text encoder or
+    ControlNet once met fp32 inputs there)."""
+    bf16 = recipe(row, bases, bases["root"] / row.id / "bf16", steps=1)
+    bf16["train"].update(mixed_precision="bf16", num_samples=0)
+    bf16["checkpoint"] = {"checkpointing_steps": 0}
+    out = run_training(bf16)
+    (first, *_), (ours,) = (
+        [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        for folder in (straight, out)
+    )
+    assert np.isfinite(ours) and abs(ours - first) <= 5e-2 * abs(first), (ours, first)
+
+
 def check_row(row: Row, bases: dict[str, Path]) -> None:
     root = bases["root"] / row.id
     straight = run_training(recipe(row, bases, root / "run"))
@@ -409,3 +424,4 @@ def check_row(row: Row, bases: dict[str, Path]) -> None:
     if not row.inpainting:  # the inpainting loss uses the pixels every step (the masked image)
         check_cached_equals_uncached(row, bases, root)
     check_sigkill_and_resume_equal_an_uninterrupted_run(row, bases, straight)
+    check_bf16_on_a_cpu_takes_the_same_first_step(row, bases, straight)

@@ -164,9 +164,11 @@ class ControlNetTraining(TextToImageMethod):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         conditioning = {**self.text_conditioning(batch), **self.denoiser_inputs}
         control = batch["conditioning_pixel_values"].to(self.device)
-        return self.family.denoise_with_controlnet(
-            self.denoiser, self.controlnet, self.model_input(noisy, batch), timesteps, conditioning, batch, control
-        )
+        model_input = self.model_input(noisy, batch)
+        with self.denoiser_autocast():
+            return self.family.denoise_with_controlnet(
+                self.denoiser, self.controlnet, model_input, timesteps, conditioning, batch, control
+            )
 
     # -- samples ---------------------------------------------------------------------------------------------------
     def pipeline(self):
