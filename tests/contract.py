@@ -403,10 +403,10 @@ def check_sigkill_and_resume_equal_an_uninterrupted_run(row: Row, bases: dict[st
 
 def check_bf16_on_a_cpu_takes_the_same_first_step(row: Row, bases: dict[str, Path], straight: Path) -> None:
     """train.mixed_precision=bf16 on a CPU (bf16 autocast, frozen weights in bf16): the first step's loss is the fp32
-    run's to bf16's precision, whichever module trains (a frozen bf16 UNet beside a trained text encoder or
-    ControlNet once met fp32 inputs there)."""
+    run's to bf16's precision, whichever module trains, and the final grid is drawn (a frozen bf16 UNet beside a
+    trained text encoder or ControlNet once met fp32 inputs there)."""
     bf16 = recipe(row, bases, bases["root"] / row.id / "bf16", steps=1)
-    bf16["train"].update(mixed_precision="bf16", num_samples=0)
+    bf16["train"]["mixed_precision"] = "bf16"
     bf16["checkpoint"] = {"checkpointing_steps": 0}
     out = run_training(bf16)
     (first, *_), (ours,) = (
@@ -414,6 +414,7 @@ def check_bf16_on_a_cpu_takes_the_same_first_step(row: Row, bases: dict[str, Pat
         for folder in (straight, out)
     )
     assert np.isfinite(ours) and abs(ours - first) <= 5e-2 * abs(first), (ours, first)
+    assert (out / "samples" / "final.png").is_file()
 
 
 def check_row(row: Row, bases: dict[str, Path]) -> None:

@@ -12,6 +12,7 @@ ControlNet pipeline; sample grids show control | generated pairs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,27 @@ from finetune.families import family_names, get_family
 from finetune.imaging import image_to_tensor, open_image
 from finetune.masks import tensor_to_image
 from finetune.text_to_image import TextToImageMethod, TextToImageOptions
+
+
+@contextlib.contextmanager
+def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
+    """The ControlNet's residuals cast to the frozen UNet's dtype while a pipeline samples, as training casts them
+    (family.denoise_with_controlnet): the pipelines add them to the UNet's features as they come, and the fp32
+    residuals of a ControlNet trained beside a bf16 UNet turn those features fp32, which a CPU's bf16 group norms
+    refuse (a GPU's autocast runs the norms in fp32)."""
+
+    def cast(module, args, output):
+        if not isinstance(output, tuple):  # (the pipelines ask for return_dict=False)
+            return output
+        down, mid = output[:2]  # the down blocks' residuals, the mid block's
+        return (tuple(r.to(dtype) for r in down), mid.to(dtype), *output[2:])
+
+    handle = controlnet.register_forward_hook(cast) if next(controlnet.parameters()).dtype != dtype else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @dataclass
@@ -200,7 +222,9 @@ class ControlNetTraining(TextToImageMethod):
     @torch.no_grad()
     def sample(self, num_images: int, seed: int) -> list:
         """control | generated, one pair per image of the grid."""
-        images = super().sample(num_images, seed)
+        unet_dtype = next(self.denoiser.parameters()).dtype
+        with residuals_in(self.unwrap(self.controlnet), unet_dtype):
+            images = super().sample(num_images, seed)
         return [side_by_side(self.validation_control(i, image.size), image) for i, image in enumerate(images)]
 
     # -- outputs ---------------------------------------------------------------------------------------------------
