@@ -41,10 +41,30 @@ logger = logging.getLogger(__name__)
 TEXT_BATCH = 32  # captions encoded at once for the text cache
 
 
-def trains_at_its_input(module: torch.nn.Module) -> bool:
-    """A transformers model whose input embeddings train (Textual Inversion's text encoders)."""
+def input_embeddings_train(module: torch.nn.Module) -> tuple[bool, bool]:
+    """Whether a transformers model's input embeddings train, and whether anything else in it does."""
     embeddings = getattr(module, "get_input_embeddings", lambda: None)()
-    return embeddings is not None and any(p.requires_grad for p in embeddings.parameters())
+    if embeddings is None or not any(p.requires_grad for p in embeddings.parameters()):
+        return False, False
+    rows = {id(p) for p in embeddings.parameters()}
+    return True, any(p.requires_grad for p in module.parameters() if id(p) not in rows)
+
+
+def frozen_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's frozen weights under mixed precision `dtype`: `dtype`, except in a text encoder that
+    trains whole (full DreamBooth), whose few frozen parts (the layers after the one the denoiser reads) stay fp32
+    beside the fp32 weights that feed them: a CPU's bf16 layer norms refuse fp32 features."""
+    embeddings_train, rest_trains = input_embeddings_train(module)
+    return torch.float32 if embeddings_train and rest_trains else dtype
+
+
+def round_learnt_rows(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Where only the input embeddings train (Textual Inversion's text encoders), their output is cast to the frozen
+    weights' `dtype`: the fp32 rows being learnt would otherwise turn every activation after them fp32. The rows
+    stay fp32 (the optimizer's master copy); only their use in the forward is rounded, as autocast rounds a weight."""
+    embeddings_train, rest_trains = input_embeddings_train(module)
+    if embeddings_train and not rest_trains and dtype != torch.float32:
+        module.get_input_embeddings().register_forward_hook(lambda _module, _args, output: output.to(dtype))
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -262,14 +282,13 @@ class TextToImageMethod(Method):
             logger.info("%d parameters never reach the denoiser and stay frozen, e.g. %s", len(unused), unused[0])
         for module in denoiser_and_text:
             # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first
-            # (4-bit weights stay as bitsandbytes packed them). A text encoder trained at its input (Textual
-            # Inversion's new rows) stays in fp32, as the diffusers script keeps it: the backward runs through all
-            # of it, and its fp32 embeddings would meet low-precision layer norms, which CPU kernels refuse
-            frozen_dtype = torch.float32 if trains_at_its_input(module) else self.weight_dtype
+            # (4-bit weights stay as bitsandbytes packed them)
             module.to(self.device)
+            frozen = frozen_dtype(module, self.weight_dtype)
             for parameter in module.parameters():
                 if parameter.dtype.is_floating_point:
-                    parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
+                    parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen)
+            round_learnt_rows(module, self.weight_dtype)
         if self.config.train.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for module in self.text_encoders.values():
