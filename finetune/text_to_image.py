@@ -369,22 +369,10 @@ class TextToImageMethod(Method):
 
     def load_components(self) -> dict[str, Any]:
         """The base pipeline's components, from the family (a method that builds new ones, such as latent diffusion
-        from scratch, overrides this). Under mixed precision the frozen ones load straight into the training dtype
-        (the VAE into the family's VAE dtype): no fp32 copy of them is ever made, nor moved to the device."""
-        dtypes = {}
-        if self.weight_dtype != torch.float32:
-            kept = self.components_kept_as_stored()
-            dtypes = {name: self.weight_dtype for name in (self.family.denoiser, *self.family.text_encoders)}
-            dtypes["vae"] = self.family.vae_dtype(self.config, self.weight_dtype)
-            dtypes = {name: dtype for name, dtype in dtypes.items() if name not in kept}
-            if self.config.model.quantize != "none":  # (the quantization config gives the denoiser its dtype)
-                dtypes.pop(self.family.denoiser, None)
-        return self.family.load(self.config, dtypes)
-
-    def components_kept_as_stored(self) -> set[str]:
-        """Components loaded in their stored precision under mixed precision: those whose weights train, or seed
-        weights that train (their frozen parts are cast after set-up). Every one unless a method says otherwise."""
-        return {self.family.denoiser, "vae", *self.family.text_encoders}
+        from scratch, overrides this). They load as stored: safetensors are memory-mapped, so nothing is read until
+        set-up casts each frozen weight on its way to the device. (Loading straight into bf16 was measured: it reads
+        the whole fp32 file first and raised SD 1.5's peak resident memory by 150 MB.)"""
+        return self.family.load(self.config)
 
     def check_models(self) -> None:
         """The denoiser takes the VAE's latents (text-to-image) or twice them plus a mask (inpainting)."""

@@ -78,10 +78,9 @@ class Family:
     # transformers class of each tokenizer and text encoder (the VAE, UNet and scheduler are diffusers' everywhere)
     text_classes: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel"}
 
-    def load(self, config: Config, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, Any]:
+    def load(self, config: Config) -> dict[str, Any]:
         """Every component of the base pipeline: tokenizers, text encoders, vae, unet and the training noise
-        scheduler (`noise_scheduler`). Weights load from safetensors only unless model.allow_pickle is set; a
-        component named in `dtypes` loads straight into that dtype, the others as stored."""
+        scheduler (`noise_scheduler`). Weights load from safetensors only unless model.allow_pickle is set."""
         from finetune.preflight import check_model_path
 
         model = config.model
@@ -91,7 +90,7 @@ class Family:
         check_model_path(path, MODEL_KEY, "pipeline", pickle_hint, model.revision, subfolders)
         encoders = self.loaded_text_encoders(config)
         names = [*encoders, *map(self.tokenizer_of, encoders), "vae", self.denoiser, "noise_scheduler"]
-        parts = {name: self.load_component(config, name, (dtypes or {}).get(name)) for name in names}
+        parts = {name: self.load_component(config, name) for name in names}
         for encoder in encoders:
             tokenizer = self.tokenizer_of(encoder)
             if parts[tokenizer].model_max_length > 100_000:  # a tokenizer saved without it defaults to ~1e30
@@ -101,9 +100,9 @@ class Family:
             parts[encoder] = parts[self.tokenizer_of(encoder)] = None
         return parts
 
-    def load_component(self, config: Config, name: str, dtype: torch.dtype | None = None) -> Any:
-        """One component as the base model has it (in its stored precision, or in `dtype`: a quantized denoiser
-        keeps its compute dtype); a failure is one line naming the path, the part and the fix."""
+    def load_component(self, config: Config, name: str) -> Any:
+        """One component as the base model has it (in its stored precision); a failure is one line naming the path,
+        the part and the fix."""
         import diffusers
         import transformers
 
@@ -113,8 +112,6 @@ class Family:
         path, subfolder = model.pretrained_model_name_or_path, "scheduler" if name == "noise_scheduler" else name
         weights = dict(revision=model.revision, variant=model.variant)
         weights["use_safetensors"] = None if model.allow_pickle else True
-        if dtype is not None:  # (transformers names it dtype, diffusers torch_dtype)
-            weights["dtype" if name in self.text_encoders else "torch_dtype"] = dtype
         if name == "noise_scheduler":  # the folder's schedule (betas and prediction type, or the flow shift)
             cls = getattr(diffusers, self.training_scheduler)
             load = lambda: cls.from_pretrained(path, subfolder=subfolder, revision=model.revision)  # noqa: E731

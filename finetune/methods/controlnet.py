@@ -179,10 +179,6 @@ class ControlNetTraining(TextToImageMethod):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"controlnet": self.controlnet}
 
-    def components_kept_as_stored(self) -> set[str]:
-        """The UNet when the ControlNet starts as a copy of its encoder (which must not be rounded first)."""
-        return set() if self.options.controlnet_model_name_or_path else {self.family.denoiser}
-
     def compute_modules(self) -> list[torch.nn.Module]:
         """The UNet and the ControlNet: both run every step (train.channels_last, train.compile)."""
         return [self.denoiser, self.controlnet]

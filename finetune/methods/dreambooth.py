@@ -418,13 +418,6 @@ class DreamBooth(TextToImageMethod):
                 getattr(self, name).requires_grad_(True)
                 getattr(self, name).train()
 
-    def components_kept_as_stored(self) -> set[str]:
-        """The denoiser (and text encoders) that train whole; none with LoRA."""
-        if self.options.use_lora:
-            return set()
-        encoders = self.family.trainable_text_encoder_names() if self.options.train_text_encoder else ()
-        return {self.family.denoiser, *encoders}
-
     # -- class images ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_class_images(self) -> list[Path]:

@@ -55,9 +55,6 @@ class LoraTextToImage(TextToImageMethod):
     def configure_trainable(self) -> None:
         add_lora(self.parts(), self.options, self.family)
 
-    def components_kept_as_stored(self) -> set[str]:
-        return set()  # only the new LoRA layers train: the base loads in the training dtype
-
     def default_prompt(self) -> str:
         captions = self.all_captions()
         return captions[0] if captions else "a photo"

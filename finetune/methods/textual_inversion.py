@@ -211,9 +211,6 @@ class TextualInversion(TextToImageMethod):
             tokenizer, text_encoder = getattr(self, tokenizer_name), getattr(self, encoder_name)
             self.placeholder_ids[encoder_name] = self.add_placeholder(tokenizer, text_encoder, tokenizer_name)
 
-    def components_kept_as_stored(self) -> set[str]:
-        return set(self.family.text_encoders)  # their new rows train, initialised from stored ones
-
     def add_placeholder(self, tokenizer, text_encoder, tokenizer_name: str) -> list[int]:
         options = self.options
         initializer_ids = tokenizer.encode(options.initializer_token, add_special_tokens=False)
