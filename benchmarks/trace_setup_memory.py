@@ -1,8 +1,10 @@
 """Where a job's memory goes before its first step: the process's resident memory after each set-up stage of the
-loop, one fresh process per method, on the tiny Stable Diffusion at 64 px (the work of benchmarks/bench_sd.py).
+loop, one fresh process per method, on the tiny Stable Diffusion at 64 px (the work of benchmarks/bench_sd.py), or
+on SD 1.5's architecture with random weights (--sd15, bench_sd's build).
 
     .venv/bin/python -m benchmarks.trace_setup_memory                       # LoRA, DreamBooth-LoRA, TI
     .venv/bin/python -m benchmarks.trace_setup_memory --tracemalloc 15      # + the 15 lines that allocated most
+    .venv/bin/python -m benchmarks.trace_setup_memory --sd15 --resolution 256 --mixed-precision bf16
 
 The stages are marked by wrapping the loop's own calls (nothing in finetune/ knows about this script).
 """
@@ -30,7 +32,7 @@ def rss_mb() -> tuple[float, float]:
     return now, peak
 
 
-def child(method: str, workdir: Path, trace: int, steps: int) -> None:
+def child(method: str, workdir: Path, trace: int, steps: int, resolution: int, precision: str, batch: int) -> None:
     """One job in this process, printing a JSON line of (stage, RSS MB) pairs."""
     import tracemalloc
 
@@ -51,8 +53,10 @@ def child(method: str, workdir: Path, trace: int, steps: int) -> None:
     from finetune.recipe import load_config
     from finetune.text_to_image import TextToImageMethod
 
-    recipe = method_recipes(workdir / "tiny", workdir / "captioned", workdir / "instance", 64)[method]
+    recipe = method_recipes(workdir / "base", workdir / "captioned", workdir / "instance", resolution)[method]
     recipe["train"].update(
+        mixed_precision=precision,
+        train_batch_size=batch or recipe["train"]["train_batch_size"],
         output_dir=str(workdir / f"run-{method}"),
         max_train_steps=steps,
         num_samples=0,
@@ -115,11 +119,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["lora", "dreambooth_lora", "textual_inversion"])
     parser.add_argument("--tracemalloc", type=int, default=0, help="list the N lines that allocated most by step 1")
     parser.add_argument("--steps", type=int, default=2, help="steps to train (RSS after steps 1-3, every 10th, last)")
+    parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture, random weights, batch 1")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    parser.add_argument("--batch", type=int, default=0, help="per-process batch (default: bench_sd's; 1 with --sd15)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, Path(args.workdir), args.tracemalloc, args.steps)
+        child(
+            args.child,
+            Path(args.workdir),
+            args.tracemalloc,
+            args.steps,
+            args.resolution,
+            args.mixed_precision,
+            args.batch,
+        )
         return
 
     sys.path.insert(0, str(REPO))
@@ -127,14 +143,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        make_tiny_sd_pipeline(workdir / "tiny")
-        for i, image in enumerate(make_test_images(workdir / "captioned", 32, size=64)):
+        if args.sd15:
+            from benchmarks.bench_sd import build_sd15
+
+            build_sd15(workdir / "base")
+        else:
+            make_tiny_sd_pipeline(workdir / "base")
+        for i, image in enumerate(make_test_images(workdir / "captioned", 32, size=args.resolution)):
             image.with_suffix(".txt").write_text(f"a toy picture {i}")
-        make_test_images(workdir / "instance", 32, size=64, seed=1)
+        make_test_images(workdir / "instance", 32, size=args.resolution, seed=1)
         results = {}
         for method in args.methods:
             command = [sys.executable, "-m", "benchmarks.trace_setup_memory", "--child", method, "--workdir", tmp]
             command += ["--tracemalloc", str(args.tracemalloc), "--steps", str(args.steps)]
+            command += ["--resolution", str(args.resolution), "--mixed-precision", args.mixed_precision]
+            command += ["--batch", str(args.batch or (1 if args.sd15 else 0))]
             run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             line = [x for x in run.stdout.splitlines() if x.startswith("STAGES ")]
             if run.returncode or not line:
