@@ -284,12 +284,14 @@ class TextToImageMethod(Method):
             # frozen weights in the mixed-precision dtype, trainable ones in fp32, never rounded through fp16 first;
             # each cast as it moves, so the device never holds a frozen fp32 copy (a stored-precision Flux
             # transformer is 48 GB in fp32, 24 in bf16)
+            if getattr(module, "is_quantized", False):  # (4-bit weights: moved as bitsandbytes packed them, first)
+                module.to(self.device)
             frozen = frozen_dtype(module, self.weight_dtype)
             for parameter in module.parameters():
                 if parameter.dtype.is_floating_point:
                     dtype = torch.float32 if parameter.requires_grad else frozen
                     parameter.data = parameter.data.to(self.device, dtype)
-            module.to(self.device)  # buffers, and 4-bit weights as bitsandbytes packs them on the way
+            module.to(self.device)  # (the buffers)
             round_learnt_rows(module, self.weight_dtype)
         if self.config.train.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
