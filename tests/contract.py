@@ -5,7 +5,8 @@ For each row: train a few steps through the real entry point; save; load the res
 pipeline, where it changes the image (and a LoRA's unload restores it, and its kohya file reads back to the same
 image through diffusers' own conversion); only the intended parameters changed; the loss with cached latents and text
 embeddings equals the uncached one; and a run SIGKILLed right after its first checkpoint, resumed with `latest`,
-ends with the weights of the uninterrupted run.
+ends with the weights of the uninterrupted run; and a bf16 run on the CPU takes the fp32 run's first step (to bf16's
+precision) and draws its grid.
 
 The checks live here; tests/test_contract_<family>.py run the rows of one family each, so that pytest-xdist's
 `--dist loadfile` spreads the families over its workers.
